@@ -1,0 +1,170 @@
+"""The denoiser: a bidirectional transformer over the shared token space.
+
+Input embedding = token + field (support) + modality. Blocks are pre-norm
+(RMSNorm), attention with rotary position embeddings over the sequence index,
+SwiGLU MLPs. With ``time_conditioning`` (needed by GenMD4, whose optimal
+denoiser depends on t) each block is modulated by adaLN from an embedding of t.
+The output at each position is a log-distribution over the clean values valid
+for that position's field only (mean parameterisation: never the mask).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .batch import Batch
+from .tokens import MODALITIES, VocabSpec
+
+
+@dataclass
+class DenoiserConfig:
+    dim: int = 256
+    depth: int = 4
+    heads: int = 4
+    mlp_ratio: float = 8 / 3  # SwiGLU hidden width = mlp_ratio * dim
+    dropout: float = 0.0
+    time_conditioning: bool = False
+    rope_base: float = 10000.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def rope_tables(length: int, head_dim: int, base: float, device, dtype) -> tuple[Tensor, Tensor]:
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(length, device=device, dtype=torch.float32), inv_freq)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate pairs (x[..., :d/2], x[..., d/2:]) by position-dependent angles. x: (B, H, L, D)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: DenoiserConfig):
+        super().__init__()
+        self.heads = cfg.heads
+        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
+        self.out = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.dropout = cfg.dropout
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attn_mask: Tensor) -> Tensor:
+        B, L, D = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0)
+        return self.out(y.transpose(1, 2).reshape(B, L, D))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg: DenoiserConfig):
+        super().__init__()
+        hidden = int(cfg.mlp_ratio * cfg.dim + 63) // 64 * 64
+        self.gate_up = nn.Linear(cfg.dim, 2 * hidden, bias=False)
+        self.down = nn.Linear(hidden, cfg.dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: DenoiserConfig):
+        super().__init__()
+        self.norm1, self.norm2 = RMSNorm(cfg.dim), RMSNorm(cfg.dim)
+        self.attn, self.mlp = Attention(cfg), SwiGLU(cfg)
+        # adaLN: shift/scale/gate for both sublayers from the time embedding, zero-init (identity at start)
+        self.ada = nn.Linear(cfg.dim, 6 * cfg.dim) if cfg.time_conditioning else None
+
+    def reset_ada(self) -> None:
+        if self.ada is not None:
+            nn.init.zeros_(self.ada.weight)
+            nn.init.zeros_(self.ada.bias)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attn_mask: Tensor, temb: Tensor | None) -> Tensor:
+        if self.ada is None or temb is None:
+            x = x + self.attn(self.norm1(x), cos, sin, attn_mask)
+            return x + self.mlp(self.norm2(x))
+        s1, c1, g1, s2, c2, g2 = self.ada(temb).unsqueeze(1).chunk(6, dim=-1)
+        x = x + (1 + g1) * self.attn(self.norm1(x) * (1 + c1) + s1, cos, sin, attn_mask)
+        return x + (1 + g2) * self.mlp(self.norm2(x) * (1 + c2) + s2)
+
+
+class TimeEmbedding(nn.Module):
+    def __init__(self, dim: int, freqs: int = 128):
+        super().__init__()
+        self.register_buffer("freqs", torch.exp(-math.log(10000.0) * torch.arange(freqs // 2) / (freqs // 2)), persistent=False)
+        self.mlp = nn.Sequential(nn.Linear(freqs, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t: Tensor) -> Tensor:
+        angles = 1000.0 * t.float().unsqueeze(-1) * self.freqs
+        return self.mlp(torch.cat((angles.sin(), angles.cos()), dim=-1))
+
+
+class Denoiser(nn.Module):
+    """mu_theta(x_t, t): per-position log-probabilities over each field's clean values."""
+
+    def __init__(self, spec: VocabSpec, cfg: DenoiserConfig | None = None):
+        super().__init__()
+        self.spec, self.cfg = spec, cfg or DenoiserConfig()
+        c = self.cfg
+        if c.dim % c.heads or (c.dim // c.heads) % 2:
+            raise ValueError(f"dim {c.dim} must split into {c.heads} heads of even width")
+        self.token_emb = nn.Embedding(spec.vocab_size, c.dim)
+        self.field_emb = nn.Embedding(len(spec.supports), c.dim)
+        self.modality_emb = nn.Embedding(len(MODALITIES), c.dim)
+        self.time_emb = TimeEmbedding(c.dim) if c.time_conditioning else None
+        self.blocks = nn.ModuleList(Block(c) for _ in range(c.depth))
+        self.norm = RMSNorm(c.dim)
+        self.head = nn.Linear(c.dim, spec.num_clean, bias=False)
+        # additive mask (num_supports, num_clean): 0 inside a support's id range, -inf outside
+        allowed = torch.full((len(spec.supports), spec.num_clean), -math.inf)
+        for i, s in enumerate(spec.supports):
+            r = spec.id_range(s.name)
+            allowed[i, r.start : r.stop] = 0.0
+        self.register_buffer("support_mask", allowed, persistent=False)
+        self.apply(self._init)
+        for block in self.blocks:
+            block.reset_ada()
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.02)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
+
+    @property
+    def time_conditioned(self) -> bool:
+        return self.time_emb is not None
+
+    def forward(self, x_t: Tensor, batch: Batch, t: Tensor | None = None) -> Tensor:
+        B, L = x_t.shape
+        h = self.token_emb(x_t) + self.field_emb(batch.support_ids) + self.modality_emb(batch.modality_ids)
+        cos, sin = rope_tables(L, self.cfg.dim // self.cfg.heads, self.cfg.rope_base, x_t.device, h.dtype)
+        attn_mask = ~batch.pad.view(B, 1, 1, L)  # True = attend; padding keys are ignored
+        temb = self.time_emb(t) if self.time_emb is not None and t is not None else None
+        for block in self.blocks:
+            h = block(h, cos, sin, attn_mask, temb)
+        logits = self.head(self.norm(h)).float() + self.support_mask[batch.support_ids]
+        return torch.log_softmax(logits, dim=-1)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())

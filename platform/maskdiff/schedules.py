@@ -1,0 +1,224 @@
+"""Masking schedules alpha_t: the probability that a token is still unmasked at t.
+
+One interface covers MD4 and GenMD4. A schedule maps times ``t`` and token
+values to ``alpha_t[value]``; an MD4 schedule ignores the value (it is the
+special case of a state-dependent schedule with one rate for every value),
+GenMD4's learnable polynomial ``alpha_t[i] = 1 - t^{w_i}`` does not.
+
+Time runs over ``[t_min, 1]``. Instead of shifting alpha into
+``[eps, 1 - eps]``, the ELBO (see :mod:`maskdiff.elbo`) accounts for both
+ends exactly: a reconstruction term at ``t_min`` (tokens still masked there
+are decoded uniformly) and a prior term at ``t = 1`` (tokens not yet masked
+there, ``alpha_1 = exp(-b_max)`` for the geometric schedule, 0 otherwise).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+T_MIN = 1e-4
+
+
+class Schedule(nn.Module):
+    """alpha_t[value], its time derivative and the ELBO weight alpha'/(1 - alpha).
+
+    ``t`` and ``values`` broadcast against each other: ``t`` of shape (B, 1)
+    with values (B, L) gives per-position rates, values ``arange(V)`` gives
+    the whole vector over the vocabulary.
+    """
+
+    state_dependent: bool = False
+
+    def alpha(self, t: Tensor, values: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def dalpha(self, t: Tensor, values: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def rate(self, t: Tensor, values: Tensor) -> Tensor:
+        """``-alpha'_t / (1 - alpha_t) >= 0``: the weight of a masked token's loss at t."""
+        return -self.dalpha(t, values) / (1.0 - self.alpha(t, values))
+
+    def describe(self) -> dict:
+        return {"kind": self.kind}
+
+    kind: str = ""
+
+
+class ValueFreeSchedule(Schedule):
+    """An MD4 schedule: alpha depends on t only, through ``f`` and ``df``."""
+
+    def f(self, t: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def df(self, t: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def alpha(self, t: Tensor, values: Tensor) -> Tensor:
+        return torch.broadcast_to(self.f(t), torch.broadcast_shapes(t.shape, values.shape))
+
+    def dalpha(self, t: Tensor, values: Tensor) -> Tensor:
+        return torch.broadcast_to(self.df(t), torch.broadcast_shapes(t.shape, values.shape))
+
+
+class Linear(ValueFreeSchedule):
+    kind = "linear"
+
+    def f(self, t: Tensor) -> Tensor:
+        return 1.0 - t
+
+    def df(self, t: Tensor) -> Tensor:
+        return -torch.ones_like(t)
+
+
+class Cosine(ValueFreeSchedule):
+    kind = "cosine"
+
+    def f(self, t: Tensor) -> Tensor:
+        return 1.0 - torch.cos(0.5 * math.pi * (1.0 - t))
+
+    def df(self, t: Tensor) -> Tensor:
+        return -0.5 * math.pi * torch.sin(0.5 * math.pi * (1.0 - t))
+
+
+class Poly(ValueFreeSchedule):
+    """alpha_t = 1 - t^K."""
+
+    def __init__(self, power: float):
+        super().__init__()
+        if power <= 0:
+            raise ValueError(f"poly schedule: power must be > 0, got {power}")
+        self.power = float(power)
+        self.kind = f"poly{power:g}"
+
+    def f(self, t: Tensor) -> Tensor:
+        return 1.0 - t**self.power
+
+    def df(self, t: Tensor) -> Tensor:
+        return -self.power * t ** (self.power - 1.0)
+
+    def rate(self, t: Tensor, values: Tensor) -> Tensor:  # K/t, exact where 1 - alpha underflows
+        return torch.broadcast_to(self.power / t, torch.broadcast_shapes(t.shape, values.shape))
+
+
+class Geometric(ValueFreeSchedule):
+    """alpha_t = exp(-b_min^(1-t) * b_max^t)."""
+
+    kind = "geometric"
+
+    def __init__(self, b_min: float = 1e-5, b_max: float = 20.0):
+        super().__init__()
+        self.b_min, self.b_max = float(b_min), float(b_max)
+
+    def _sigma(self, t: Tensor) -> Tensor:
+        return self.b_min ** (1.0 - t) * self.b_max**t
+
+    def f(self, t: Tensor) -> Tensor:
+        return torch.exp(-self._sigma(t))
+
+    def df(self, t: Tensor) -> Tensor:
+        sigma = self._sigma(t)
+        return -torch.exp(-sigma) * sigma * math.log(self.b_max / self.b_min)
+
+    def rate(self, t: Tensor, values: Tensor) -> Tensor:
+        sigma = self._sigma(t)  # -alpha'/(1-alpha) = sigma' e^-sigma / (1 - e^-sigma) = sigma' / expm1(sigma)
+        r = sigma * math.log(self.b_max / self.b_min) / torch.expm1(sigma)
+        return torch.broadcast_to(r, torch.broadcast_shapes(t.shape, values.shape))
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "b_min": self.b_min, "b_max": self.b_max}
+
+
+class LearnedPoly(Schedule):
+    """GenMD4: alpha_t[i] = 1 - t^{w_i}, w = softplus(w_raw) learned per token value.
+
+    ``num_values`` is the size of the global clean vocabulary; only the values
+    of the modality that uses this schedule ever receive gradient.
+    """
+
+    kind = "genmd4"
+    state_dependent = True
+
+    def __init__(self, num_values: int, init: float = 1.0):
+        super().__init__()
+        raw = math.log(math.expm1(init))  # softplus^-1
+        self.w_raw = nn.Parameter(torch.full((num_values,), raw))
+
+    @property
+    def w(self) -> Tensor:
+        return F.softplus(self.w_raw)
+
+    def alpha(self, t: Tensor, values: Tensor) -> Tensor:
+        return 1.0 - t ** self.w[values]
+
+    def dalpha(self, t: Tensor, values: Tensor) -> Tensor:
+        w = self.w[values]
+        return -w * t ** (w - 1.0)
+
+    def rate(self, t: Tensor, values: Tensor) -> Tensor:  # w/t, exact where 1 - alpha underflows
+        return self.w[values] / t
+
+
+_POLY = re.compile(r"^poly(\d+(\.\d+)?)$")
+KINDS = ("linear", "cosine", "polyK", "geometric", "genmd4")
+
+
+def make_schedule(kind: str, num_values: int | None = None, **options: float) -> Schedule:
+    """Build a schedule from its config name (``linear|cosine|polyK|geometric|genmd4``)."""
+    if kind == "linear":
+        return Linear()
+    if kind == "cosine":
+        return Cosine()
+    if kind == "geometric":
+        return Geometric(**options)
+    if m := _POLY.match(kind):
+        return Poly(float(m.group(1)))
+    if kind == "genmd4":
+        if num_values is None:
+            raise ValueError("genmd4 schedule needs the vocabulary size")
+        return LearnedPoly(num_values, **options)
+    raise ValueError(f"unknown schedule {kind!r}; expected one of {KINDS} (e.g. poly2)")
+
+
+class ModalitySchedules(nn.Module):
+    """Each position takes the schedule of its modality (Batch.modality_ids)."""
+
+    def __init__(self, schedules: dict[int, Schedule], t_min: float = T_MIN):
+        super().__init__()
+        if not schedules:
+            raise ValueError("no schedules given")
+        self.by_id = nn.ModuleDict({str(k): v for k, v in schedules.items()})
+        self.t_min = t_min
+
+    def items(self) -> list[tuple[int, Schedule]]:
+        return [(int(k), v) for k, v in self.by_id.items()]
+
+    @property
+    def state_dependent(self) -> bool:
+        return any(s.state_dependent for s in self.by_id.values())
+
+    def per_position(self, fn: str, t: Tensor, values: Tensor, modality_ids: Tensor) -> Tensor:
+        """``schedule.fn(t, values)`` of each position's own modality schedule.
+
+        ``t`` is (B,) or (B, 1); ``values`` and ``modality_ids`` are (B, L).
+        Positions of a modality without a schedule get NaN, so they cannot pass
+        unnoticed into a loss.
+        """
+        t = t.reshape(-1, 1)
+        out = torch.full(values.shape, float("nan"), dtype=t.dtype, device=values.device)
+        for mid, sched in self.items():
+            sel = modality_ids == mid
+            if sel.any():
+                out = torch.where(sel, getattr(sched, fn)(t, values).to(out.dtype), out)
+        return out
+
+    def check_covers(self, modality_ids: Tensor, valid: Tensor) -> None:
+        present = set(modality_ids[valid].unique().tolist())
+        missing = present - {mid for mid, _ in self.items()}
+        if missing:
+            raise ValueError(f"no schedule for modality ids {sorted(missing)}")
