@@ -98,8 +98,7 @@ def position_nats(
         diff = (1.0 - t_min) * at("rate", t) * ce
     else:
         s = (t - (1.0 - t_min) / steps).clamp(min=t_min)
-        a_t, a_s = at("alpha", t), at("alpha", s)
-        r = (a_s - a_t) / (1.0 - a_t)
+        r = 1.0 - at("mask_prob", s) / at("mask_prob", t)  # (alpha_s - alpha_t) / (1 - alpha_t)
         diff = steps * r * ce
     vocab = torch.arange(logp.shape[-1], device=logp.device)
     for mid, sched in schedules.items():
@@ -113,14 +112,12 @@ def position_nats(
             c = sched.rate(t.view(-1, 1), vocab.view(1, -1))  # (B, V)
             extra = (1.0 - t_min) * (torch.einsum("blv,bv->bl", mu, c) - at("rate", t))
         else:  # (1 - r_x0) log((1 - r_x0) / (1 - sum_i r_i mu_i))
-            a_t = sched.alpha(t.view(-1, 1), vocab.view(1, -1))
-            a_s = sched.alpha(s.view(-1, 1), vocab.view(1, -1))
-            r_all = (a_s - a_t) / (1.0 - a_t)
+            r_all = 1.0 - sched.mask_prob(s.view(-1, 1), vocab.view(1, -1)) / sched.mask_prob(t.view(-1, 1), vocab.view(1, -1))
             stay_model = 1.0 - torch.einsum("blv,bv->bl", mu, r_all)
             extra = steps * (1.0 - r) * (torch.log1p(-r) - torch.log(stay_model))
         diff = torch.where(sel, diff + extra, diff)
     diff = torch.where(masked, diff, 0.0)
-    recon = (1.0 - at("alpha", torch.full_like(t, t_min))) * log_k
+    recon = at("mask_prob", torch.full_like(t, t_min)) * log_k
     prior = at("alpha", torch.ones_like(t)) * log_k
     return torch.where(valid, diff + recon + prior, 0.0)
 
@@ -131,10 +128,10 @@ def draw_mask(batch: Batch, schedules: ModalitySchedules, t: Tensor, generator=N
     Returns the mask pattern and its log-probability per example (for REINFORCE).
     """
     x0 = torch.where(batch.valid, batch.tokens, 0)
-    alpha = schedules.per_position("alpha", t, x0, batch.modality_ids)
-    u = torch.rand(batch.shape, generator=generator, device=batch.tokens.device, dtype=alpha.dtype)
-    masked = batch.valid & (u >= alpha)
-    log_q = torch.where(masked, torch.log1p(-alpha), torch.log(alpha))
+    p_mask = schedules.per_position("mask_prob", t, x0, batch.modality_ids)
+    u = torch.rand(batch.shape, generator=generator, device=batch.tokens.device, dtype=p_mask.dtype)
+    masked = batch.valid & (u < p_mask)
+    log_q = torch.where(masked, torch.log(p_mask), torch.log1p(-p_mask))
     return masked, torch.where(batch.valid, log_q, 0.0).sum(-1)
 
 

@@ -68,15 +68,15 @@ def unmask_rates(schedules: ModalitySchedules, batch: Batch, t: float, s: float,
     mods = batch.modality_ids
     if not schedules.state_dependent:
         zero = torch.zeros_like(batch.tokens)
-        a_t = schedules.per_position("alpha", tt, zero, mods)
-        a_s = schedules.per_position("alpha", ss, zero, mods)
-        return ((a_s - a_t) / (1.0 - a_t)).unsqueeze(-1)
+        m_t = schedules.per_position("mask_prob", tt, zero, mods)
+        m_s = schedules.per_position("mask_prob", ss, zero, mods)
+        return (1.0 - m_s / m_t).unsqueeze(-1)
     V = values.shape[-1]
     vals = values.expand(B * L, V).reshape(B, L * V)
     mods_v = mods.unsqueeze(-1).expand(B, L, V).reshape(B, L * V)
-    a_t = schedules.per_position("alpha", tt, vals, mods_v)
-    a_s = schedules.per_position("alpha", ss, vals, mods_v)
-    return ((a_s - a_t) / (1.0 - a_t)).view(B, L, V).nan_to_num(0.0)
+    m_t = schedules.per_position("mask_prob", tt, vals, mods_v)
+    m_s = schedules.per_position("mask_prob", ss, vals, mods_v)
+    return (1.0 - m_s / m_t).view(B, L, V).nan_to_num(0.0)
 
 
 @torch.no_grad()

@@ -40,9 +40,13 @@ class Schedule(nn.Module):
     def dalpha(self, t: Tensor, values: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def mask_prob(self, t: Tensor, values: Tensor) -> Tensor:
+        """``1 - alpha_t``, computed without cancellation where alpha_t is close to 1."""
+        return 1.0 - self.alpha(t, values)
+
     def rate(self, t: Tensor, values: Tensor) -> Tensor:
         """``-alpha'_t / (1 - alpha_t) >= 0``: the weight of a masked token's loss at t."""
-        return -self.dalpha(t, values) / (1.0 - self.alpha(t, values))
+        return -self.dalpha(t, values) / self.mask_prob(t, values)
 
     def describe(self) -> dict:
         return {"kind": self.kind}
@@ -65,6 +69,12 @@ class ValueFreeSchedule(Schedule):
     def dalpha(self, t: Tensor, values: Tensor) -> Tensor:
         return torch.broadcast_to(self.df(t), torch.broadcast_shapes(t.shape, values.shape))
 
+    def mask_prob(self, t: Tensor, values: Tensor) -> Tensor:
+        return torch.broadcast_to(self.one_minus_f(t), torch.broadcast_shapes(t.shape, values.shape))
+
+    def one_minus_f(self, t: Tensor) -> Tensor:
+        return 1.0 - self.f(t)
+
 
 class Linear(ValueFreeSchedule):
     kind = "linear"
@@ -75,6 +85,9 @@ class Linear(ValueFreeSchedule):
     def df(self, t: Tensor) -> Tensor:
         return -torch.ones_like(t)
 
+    def one_minus_f(self, t: Tensor) -> Tensor:
+        return t
+
 
 class Cosine(ValueFreeSchedule):
     kind = "cosine"
@@ -84,6 +97,9 @@ class Cosine(ValueFreeSchedule):
 
     def df(self, t: Tensor) -> Tensor:
         return -0.5 * math.pi * torch.sin(0.5 * math.pi * (1.0 - t))
+
+    def one_minus_f(self, t: Tensor) -> Tensor:
+        return torch.sin(0.5 * math.pi * t)
 
 
 class Poly(ValueFreeSchedule):
@@ -102,8 +118,8 @@ class Poly(ValueFreeSchedule):
     def df(self, t: Tensor) -> Tensor:
         return -self.power * t ** (self.power - 1.0)
 
-    def rate(self, t: Tensor, values: Tensor) -> Tensor:  # K/t, exact where 1 - alpha underflows
-        return torch.broadcast_to(self.power / t, torch.broadcast_shapes(t.shape, values.shape))
+    def one_minus_f(self, t: Tensor) -> Tensor:
+        return t**self.power
 
 
 class Geometric(ValueFreeSchedule):
@@ -125,10 +141,8 @@ class Geometric(ValueFreeSchedule):
         sigma = self._sigma(t)
         return -torch.exp(-sigma) * sigma * math.log(self.b_max / self.b_min)
 
-    def rate(self, t: Tensor, values: Tensor) -> Tensor:
-        sigma = self._sigma(t)  # -alpha'/(1-alpha) = sigma' e^-sigma / (1 - e^-sigma) = sigma' / expm1(sigma)
-        r = sigma * math.log(self.b_max / self.b_min) / torch.expm1(sigma)
-        return torch.broadcast_to(r, torch.broadcast_shapes(t.shape, values.shape))
+    def one_minus_f(self, t: Tensor) -> Tensor:
+        return -torch.expm1(-self._sigma(t))
 
     def describe(self) -> dict:
         return {"kind": self.kind, "b_min": self.b_min, "b_max": self.b_max}
@@ -160,8 +174,8 @@ class LearnedPoly(Schedule):
         w = self.w[values]
         return -w * t ** (w - 1.0)
 
-    def rate(self, t: Tensor, values: Tensor) -> Tensor:  # w/t, exact where 1 - alpha underflows
-        return self.w[values] / t
+    def mask_prob(self, t: Tensor, values: Tensor) -> Tensor:
+        return t ** self.w[values]
 
 
 _POLY = re.compile(r"^poly(\d+(\.\d+)?)$")
