@@ -1,0 +1,74 @@
+"""The denoiser: outputs restricted to each field's support, padding-blind, bidirectional."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from maskdiff.batch import collate
+from maskdiff.model import Denoiser, DenoiserConfig
+from maskdiff.tokens import Field, Record, Support, VocabSpec
+
+SPEC = VocabSpec([Support("text/bpe", "text", 20), Support("tabular/col:x", "tabular", 5)])
+CFG = DenoiserConfig(dim=32, depth=2, heads=2)
+
+
+def records():
+    return [
+        Record([Field("text", "text/bpe", [1, 2, 3, 4, 5, 6]), Field("col:x", "tabular/col:x", [2])]),
+        Record([Field("text", "text/bpe", [7, 8])]),
+    ]
+
+
+def test_output_is_a_distribution_over_the_fields_support_only():
+    torch.manual_seed(0)
+    model = Denoiser(SPEC, CFG)
+    batch = collate(records(), SPEC)
+    x_t = batch.tokens.clone()
+    x_t[0, :3] = SPEC.mask_id
+    logp = model(x_t, batch, None)
+    assert logp.shape == (2, 7, SPEC.num_clean)
+    text, tab = SPEC.id_range("text/bpe"), SPEC.id_range("tabular/col:x")
+    torch.testing.assert_close(logp[0, :6, text.start : text.stop].exp().sum(-1), torch.ones(6))
+    assert torch.isinf(logp[0, :6, tab.start :]).all()
+    torch.testing.assert_close(logp[0, 6, tab.start : tab.stop].exp().sum(), torch.tensor(1.0))
+    assert torch.isinf(logp[0, 6, : tab.start]).all()
+
+
+def test_padding_does_not_change_outputs():
+    torch.manual_seed(0)
+    model = Denoiser(SPEC, CFG).eval()
+    recs = records()
+    alone = collate([recs[1]], SPEC)
+    padded = collate(recs, SPEC)
+    a = model(alone.tokens, alone, None)[0, :2]
+    b = model(padded.tokens, padded, None)[1, :2]
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_is_bidirectional():
+    torch.manual_seed(0)
+    model = Denoiser(SPEC, CFG).eval()
+    batch = collate(records()[:1], SPEC)
+    x1 = batch.tokens.clone()
+    x2 = x1.clone()
+    x2[0, 6] = SPEC.mask_id  # change the last position only
+    assert not torch.allclose(model(x1, batch, None)[0, 0], model(x2, batch, None)[0, 0])
+
+
+def test_time_conditioning_starts_neutral_and_then_uses_t():
+    torch.manual_seed(0)
+    model = Denoiser(SPEC, DenoiserConfig(dim=32, depth=2, heads=2, time_conditioning=True))
+    batch = collate(records(), SPEC)
+    t1, t2 = torch.full((2,), 0.1), torch.full((2,), 0.9)
+    torch.testing.assert_close(model(batch.tokens, batch, t1), model(batch.tokens, batch, t2))  # adaLN zero-init
+    with torch.no_grad():
+        for block in model.blocks:
+            block.ada.weight.normal_(std=0.1)
+    assert not torch.allclose(model(batch.tokens, batch, t1), model(batch.tokens, batch, t2))
+
+
+def test_bad_width():
+    with pytest.raises(ValueError, match="heads"):
+        Denoiser(SPEC, DenoiserConfig(dim=30, heads=4))
