@@ -1,0 +1,53 @@
+"""Modality adapters: raw files to shared token records and back.
+
+``get_adapter("protein", max_len=512)`` builds an adapter; ``ADAPTERS`` maps
+each modality to its class; ``read_records(modality, paths, **options)`` reads
+raw records (``(record_id, raw)`` pairs or :class:`Rejected`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from .base import OTHER, Adapter, CategoryVocab, InputError, Option, RawItem, Reject, Rejected
+from .pixels import PixelsAdapter
+from .protein import ProteinAdapter
+from .tabular import TabularAdapter
+from .text import TextAdapter
+
+ADAPTERS: dict[str, type[Adapter]] = {
+    "text": TextAdapter,
+    "pixels": PixelsAdapter,
+    "protein": ProteinAdapter,
+    "tabular": TabularAdapter,
+}
+
+
+def adapter_class(modality: str) -> type[Adapter]:
+    try:
+        return ADAPTERS[modality]
+    except KeyError:
+        raise ValueError(f"unknown modality {modality!r}; known: {sorted(ADAPTERS)}") from None
+
+
+def get_adapter(modality: str, **options: Any) -> Adapter:
+    """A new (unfitted) adapter of ``modality`` built with ``options``."""
+    return adapter_class(modality)(**options)
+
+
+def adapter_from_state(state: dict[str, Any], root_dir: str | Path | None = None) -> Adapter:
+    """Rebuild a fitted adapter from :meth:`Adapter.state` output."""
+    return adapter_class(state["modality"]).from_state(state, root_dir)
+
+
+def read_records(modality: str, paths: Sequence[str | Path], **options: Any) -> Iterator[RawItem]:
+    """Raw records of ``paths``: ``(record_id, raw)`` pairs or :class:`Rejected`."""
+    return get_adapter(modality, **options).read(paths)
+
+
+__all__ = [
+    "ADAPTERS", "OTHER", "Adapter", "CategoryVocab", "InputError", "Option", "RawItem", "Reject", "Rejected",
+    "PixelsAdapter", "ProteinAdapter", "TabularAdapter", "TextAdapter",
+    "adapter_class", "adapter_from_state", "get_adapter", "read_records",
+]
