@@ -149,3 +149,23 @@ def test_missing_and_padding_do_not_count(data):
     res = elbo(PosteriorOracle(data, schedules), batch, schedules, generator=torch.Generator().manual_seed(0))
     assert (res.position_nats[~batch.valid] == 0).all()
     assert sum(n for _, n in res.per_modality().values()) == int(batch.valid.sum()) == 5 * 4 - 1 - 3
+
+
+def test_discrete_time_genmd4_converges_to_continuous():
+    """The T-step GenMD4 bound (with its stay-masked KL term) tends to the continuous one."""
+    from maskdiff.batch import collate
+    from maskdiff.tokens import Field, Record
+
+    p = [0.6, 0.3, 0.1]
+    data = IndependentData([Support("text/a", "text", 3)], {"a": ("text/a", [p])})
+    batch = collate([Record([Field("a", "text/a", [v])]) for v in range(3)], data.spec)
+    prob = torch.tensor(p, dtype=torch.float64)
+    schedules = ModalitySchedules({TEXT: genmd4(3, [0.5, 1.0, 3.0])})
+    for aware in (True, False):
+        oracle = PosteriorOracle(data, schedules, aware)
+        with torch.no_grad():
+            cont = float(expected_nelbo(oracle, batch, prob, schedules, n_t=4000))
+            gaps = [abs(float(expected_nelbo(oracle, batch, prob, schedules, steps=T)) - cont) for T in (10, 100, 1000)]
+        print("aware" if aware else "p", cont, gaps)
+        assert gaps[2] < 0.02 * cont
+        assert max(gaps) < 1e-6 or gaps[0] > gaps[1] > gaps[2]
