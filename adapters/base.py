@@ -168,10 +168,11 @@ class CategoryVocab:
 
     At most ``max_categories`` values are kept (the most frequent; ties broken by
     value), stored in natural order (numbers numerically). Their local ids are
-    ``0 .. n-1``; id ``n`` is the *other* bucket, used for values beyond the cap
-    and, with ``unseen="other"``, for values never seen while fitting (with
-    ``unseen="reject"`` such a value rejects the record). ``None`` encodes to
-    :data:`MISSING`. The other bucket decodes to :data:`OTHER`.
+    ``0 .. n-1``; id ``n`` is the *other* bucket. A value that is not a kept
+    category (dropped by the cap, or never seen while fitting) goes to the other
+    bucket with ``unseen="other"`` and rejects the record with
+    ``unseen="reject"``. ``None`` encodes to :data:`MISSING`. The other bucket
+    decodes to :data:`OTHER`.
     """
 
     categories: list[str] = field(default_factory=list)
@@ -203,7 +204,7 @@ class CategoryVocab:
         if i is not None:
             return i
         if self.unseen == "reject":
-            raise Reject(f"{what} {value!r} was not seen when the vocabulary was fitted")
+            raise Reject(f"{what} {value!r} is not one of the {len(self.categories)} categories kept when fitting (unseen=reject)")
         return self.other_id
 
     def decode(self, local_id: int) -> str | None:

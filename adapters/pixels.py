@@ -17,8 +17,9 @@ of shape ``(H, W, C)`` in raster order) and, when the data have labels, the
 field ``label`` (support ``pixels/label``, shape ``(1,)``). Labels come from an
 IDX/npz labels source, from ``--labels FILE`` (IDX, ``.npy`` or one label per
 line, in image order), or from the sub-folder names under a folder input. At
-most ``max_labels`` label values are kept (the most frequent); others and, with
-``unseen=other``, values not seen when fitting go to an *other* bucket.
+most ``max_labels`` label values are kept (the most frequent); other values
+(beyond the cap, or unseen when fitting) go to an *other* bucket, or reject
+the record with ``unseen=reject``.
 
 Every image must have the data set's size (``--size HxW``, else the first
 image's) and channel count; other sizes are rejected with the reason unless
@@ -56,7 +57,7 @@ class PixelsAdapter(Adapter):
         Option("labels", "class labels in image order: an IDX labels file, a .npy array, or a text file with one label per line", str, metavar="FILE"),
         Option("label_from", "where labels come from for folder inputs: sub-folder names (folder), none, or auto = sub-folders when every image sits in one (default auto)", str, ("auto", "folder", "none")),
         Option("max_labels", "keep at most N label values, the rest share an 'other' bucket (default 1000)", int, metavar="N"),
-        Option("unseen", "a category not seen when fitting: map it to the 'other' bucket or reject the record (default other)", str, ("other", "reject")),
+        Option("unseen", "a value that is not a kept category (unseen when fitting, or beyond the cap): map it to the 'other' bucket or reject the record (default other)", str, ("other", "reject")),
     )
 
     def __init__(self, size: str | None = None, resize: bool = False, labels: str | None = None, label_from: str = "auto", max_labels: int = 1000, unseen: str = "other") -> None:

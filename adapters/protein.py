@@ -17,8 +17,8 @@ Headers are kept in ``meta``: ``id``, ``description`` and the parsed
 of other headers (``;``- or space-separated, as gene callers write them) too.
 Header keys named in ``condition`` become conditioning fields of shape ``(1,)``
 with their own support ``protein/<KEY>``, fitted categories (at most
-``max_categories``, the most frequent; the rest and unseen values share an
-*other* bucket) and MISSING where a header lacks the key. ``condition=auto``
+``max_categories``, the most frequent; other values share an *other*
+bucket, or reject the record with ``unseen=reject``) and MISSING where a header lacks the key. ``condition=auto``
 picks those of OS, OX, PE present in any record.
 """
 
@@ -64,7 +64,7 @@ class ProteinAdapter(Adapter):
         Option("stop", "a terminal '*' stop symbol: strip it (recorded in meta) or reject the record (default strip)", str, ("strip", "reject")),
         Option("condition", "header keys to keep as conditioning fields, comma-separated (e.g. OS,PE), 'none', or 'auto' = those of OS,OX,PE present in the data (default auto)", str, metavar="KEYS"),
         Option("max_categories", "keep at most N values per conditioning field, the rest share an 'other' bucket (default 1000)", int, metavar="N"),
-        Option("unseen", "a category not seen when fitting: map it to the 'other' bucket or reject the record (default other)", str, ("other", "reject")),
+        Option("unseen", "a value that is not a kept category (unseen when fitting, or beyond the cap): map it to the 'other' bucket or reject the record (default other)", str, ("other", "reject")),
     )
 
     def __init__(self, max_len: int = 1024, length_policy: str = "crop", stop: str = "strip", condition: str = "auto", max_categories: int = 1000, unseen: str = "other") -> None:
@@ -72,7 +72,8 @@ class ProteinAdapter(Adapter):
         if max_len < 1:
             raise InputError(f"--max-len {max_len}: must be at least 1")
         self.max_len = max_len
-        self.vocabs: dict[str, CategoryVocab] | None = None
+        no_conditions = (condition or "none").strip() == "none"
+        self.vocabs: dict[str, CategoryVocab] | None = {} if no_conditions else None  # stateless without conditions
 
     # --- reading ------------------------------------------------------------------
     def read(self, paths: Sequence[str | Path]) -> Iterator[RawItem]:
@@ -88,7 +89,11 @@ class ProteinAdapter(Adapter):
             except UnicodeDecodeError:
                 raise InputError(f"{path}: not a FASTA text file (undecodable bytes)") from None
             except ValueError as e:
-                raise InputError(f"{path}: not valid FASTA ({str(e).splitlines()[0]})") from None
+                if "comments at the beginning" not in str(e):
+                    raise InputError(f"{path}: not valid FASTA ({str(e).splitlines()[0]})") from None
+                with open_text(path) as f:
+                    blank = not f.read(1 << 16).strip()
+                raise InputError(f"{path}: " + ("holds no FASTA record" if blank else "not valid FASTA (text before the first '>' header line)")) from None
             except (EOFError, OSError) as e:
                 raise InputError(f"{path}: cannot be read to the end ({e})") from None
             if n == 0:

@@ -10,8 +10,9 @@ number, else *categorical* — and can be overridden with ``categorical``,
 ``numeric`` and ``drop`` (comma-separated column names).
 
 * Categorical columns get one token per category seen when fitting (at most
-  ``max_categories``, the most frequent; the rest share an *other* bucket, as do
-  unseen values with ``unseen=other``; ``unseen=reject`` refuses such rows).
+  ``max_categories``, the most frequent; other values — beyond the cap or
+  unseen when fitting — share an *other* bucket, or with ``unseen=reject``
+  reject the row).
   Categories are kept as the exact cell text and decode to it.
 * Numeric columns are cut into at most ``bins`` quantile (equal-frequency)
   bins fitted on the data: edges are data values, bin i is
@@ -125,7 +126,7 @@ class TabularAdapter(Adapter):
         Option("na_values", f"cell texts that mean missing, comma-separated; empty cells always do (default {DEFAULT_NA})", str, metavar="LIST"),
         Option("delimiter", "CSV field delimiter (default ,)", str, metavar="CHAR"),
         Option("max_categories", "keep at most N categories per column, the rest share an 'other' bucket (default 1000)", int, metavar="N"),
-        Option("unseen", "a category not seen when fitting: map it to the 'other' bucket or reject the row (default other)", str, ("other", "reject")),
+        Option("unseen", "a value that is not a kept category (unseen when fitting, or beyond the cap): map it to the 'other' bucket or reject the row (default other)", str, ("other", "reject")),
         Option("numeric_decode", "value a numeric bin decodes to: the median of its fitted values, or a uniform draw inside the bin (default median)", str, ("median", "uniform")),
         Option("seed", "random seed for numeric_decode=uniform (default 0)", int, metavar="N"),
     )
