@@ -1,0 +1,30 @@
+# Two commands do everything on a fresh machine:
+#   make demo   create the environment, then run the demo pipeline (writes outputs/)
+#   make test   create the environment, then run the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+
+.PHONY: setup test demo bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	$(PY) tools/demo.py
+
+bench: $(STAMP)
+	$(PY) tools/bench_shard.py
+	$(PY) tools/bench_train.py
+
+clean:
+	rm -rf outputs runs .pytest_cache
