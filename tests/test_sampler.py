@@ -110,3 +110,67 @@ def test_categorical_draws_follow_the_weights():
     chi2 = float(((counts[nz] - expected[nz]) ** 2 / expected[nz]).sum())
     assert chi2 < CHI2_999[3]
     assert counts[2] > 0  # the small weight (expected ~40) is drawn
+
+
+@pytest.mark.parametrize("opts", [dict(method="topk"), dict(method="topk", confidence_noise=1.0), dict(temperature=0.7, top_p=0.9), dict(method="genmd4")])
+def test_every_sampler_keeps_known_positions_and_fills_the_rest(data, opts):
+    schedules = SCHEDULES["genmd4"](data.spec.num_clean)
+    batch = data.batch(64, seed=9)
+    known = batch.tokens.clone()
+    x = known.clone()
+    holes = torch.rand(x.shape, generator=torch.Generator().manual_seed(1)) < 0.6
+    x[holes] = batch.mask_id
+    res = sample(PosteriorOracle(data, schedules), batch.with_tokens(x), schedules, steps=8, generator=torch.Generator().manual_seed(0), **opts)
+    assert torch.equal(res.tokens[~holes], known[~holes])
+    assert (res.tokens != batch.mask_id).all()
+    for pos in range(x.shape[1]):
+        assert (data.p[pos][res.tokens[:, pos]] > 0).all()  # inside each field's support
+
+
+def test_genmd4_method_needs_a_state_dependent_schedule(data):
+    schedules = SCHEDULES["md4"](data.spec.num_clean)
+    batch = data.batch(2)
+    with pytest.raises(ValueError, match="genmd4"):
+        sample(PosteriorOracle(data, schedules), batch, schedules, method="genmd4")
+    with pytest.raises(ValueError, match="guidance"):
+        sample(PosteriorOracle(data, schedules), batch, schedules, guidance=2.0)
+
+
+def test_temperature_and_top_p():
+    from maskdiff.sampler import shape_distribution
+
+    logp = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05, 0.0]], dtype=torch.float64))
+    nucleus = shape_distribution(logp, 1.0, 0.7).exp()
+    torch.testing.assert_close(nucleus, torch.tensor([[0.625, 0.375, 0, 0, 0]], dtype=torch.float64))
+    cold = shape_distribution(logp, 0.1, 1.0).exp()
+    assert cold[0, 0] > 0.99 and cold[0, 4] == 0
+    assert shape_distribution(logp, 1.0, 1e-9).exp()[0, 0] == 1.0  # the top value always stays
+
+
+def test_guidance_sharpens_towards_the_condition():
+    from maskdiff.sampler import guided
+
+    cond = torch.log(torch.tensor([[0.6, 0.4, 0.0]], dtype=torch.float64))
+    uncond = torch.log(torch.tensor([[0.4, 0.6, 0.0]], dtype=torch.float64))
+    torch.testing.assert_close(guided(cond, uncond, 0.0), cond)
+    g = guided(cond, uncond, 2.0).exp()
+    assert g[0, 0] > 0.6 and g[0, 2] == 0 and torch.isclose(g.sum(), torch.tensor(1.0, dtype=torch.float64))
+    # p_w ∝ p(x|c)^(1+w) / p(x)^w
+    expected = torch.tensor([0.6**3 / 0.4**2, 0.4**3 / 0.6**2], dtype=torch.float64)
+    torch.testing.assert_close(g[0, :2], expected / expected.sum())
+
+
+def test_complete_fills_missing_values_of_records(data):
+    from maskdiff.sampler import complete
+    from maskdiff.tokens import MISSING
+
+    schedules = SCHEDULES["md4"](data.spec.num_clean)
+    records = data.sample(5, seed=2)
+    records[0].fields[0].tokens[1] = MISSING
+    records[3].fields[1].tokens[:] = MISSING
+    filled, res = complete(PosteriorOracle(data, schedules, state_aware=False), records, data.spec, schedules, steps=5, generator=torch.Generator().manual_seed(0))
+    for before, after in zip(records, filled):
+        for fb, fa in zip(before.fields, after.fields):
+            given = fb.tokens != MISSING
+            assert (fa.tokens[given] == fb.tokens[given]).all() and (fa.tokens != MISSING).all()
+    assert res.network_calls >= 1
