@@ -81,3 +81,18 @@ def test_collate_pads_and_split_inverts():
     with pytest.raises(ValueError, match="more than the length"):
         collate([r1], spec, length=5)
     assert torch.equal(batch.repeat(2).tokens[2:], batch.tokens)
+
+
+def test_drop_fields_masks_whole_fields_and_removes_them_from_the_loss():
+    from maskdiff.batch import drop_fields
+
+    spec = VocabSpec(SUPPORTS)
+    recs = [Record([Field("image", "pixels/value", np.arange(4).reshape(2, 2, 1)), Field("label", "pixels/label", [i % 10])]) for i in range(400)]
+    batch = collate(recs, spec)
+    label = spec.support_id("pixels/label")
+    out = drop_fields(batch, [label], 0.25, torch.Generator().manual_seed(0))
+    dropped = out.tokens[:, 4] == spec.mask_id
+    assert 60 < int(dropped.sum()) < 140  # about a quarter of 400
+    assert torch.equal(out.tokens[:, :4], batch.tokens[:, :4])  # other fields untouched
+    assert not out.valid[dropped, 4].any() and out.valid[~dropped, 4].all()
+    assert drop_fields(batch, [label], 0.0) is batch

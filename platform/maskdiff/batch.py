@@ -100,4 +100,22 @@ def split(batch: Batch, records: Sequence[Record], spec: VocabSpec, tokens: Tens
     return out
 
 
-__all__ = ["Batch", "collate", "split"]
+
+
+
+def drop_fields(batch: Batch, support_ids: Sequence[int], p: float, generator: torch.Generator | None = None) -> Batch:
+    """Classifier-free guidance training: per example, drop each listed field with prob ``p``.
+
+    A dropped field is masked in the input and left out of the ELBO (it is not
+    part of the data being modelled for that example), so the same network
+    learns p(x | c) and p(x).
+    """
+    if p <= 0 or not support_ids:
+        return batch
+    B = batch.shape[0]
+    ids = torch.as_tensor(list(support_ids), dtype=torch.long, device=batch.tokens.device)
+    coin = torch.rand((B, len(ids)), generator=generator).to(batch.tokens.device) < p  # (B, fields)
+    hit = (batch.support_ids.unsqueeze(-1) == ids) & coin.unsqueeze(1)  # (B, L, fields)
+    dropped = hit.any(-1) & ~batch.pad
+    return replace(batch, tokens=torch.where(dropped, batch.mask_id, batch.tokens), valid=batch.valid & ~dropped)
+__all__ = ["Batch", "collate", "drop_fields", "split"]
