@@ -83,6 +83,15 @@ def mnist_arrays(n: int) -> tuple[np.ndarray, np.ndarray]:
     return images[:n].copy(), labels[:n].copy()
 
 
+def mnist_idx_head(n: int, dest: Path) -> list[Path]:
+    """The first ``n`` MNIST test images and labels as (uncompressed) IDX files."""
+    images, labels = mnist_arrays(n)
+    img, lab = dest / "images-idx3-ubyte", dest / "labels-idx1-ubyte"
+    img.write_bytes((2051).to_bytes(4, "big") + b"".join(v.to_bytes(4, "big") for v in (n, 28, 28)) + images.tobytes())
+    lab.write_bytes((2049).to_bytes(4, "big") + n.to_bytes(4, "big") + labels.tobytes())
+    return [img, lab]
+
+
 def mnist_png_folder(dest: Path, n: int = 30) -> Path:
     """MNIST digits as 8-bit PNGs in one sub-folder per class (``dest/<label>/<i>.png``)."""
     images, labels = mnist_arrays(n)
@@ -106,7 +115,8 @@ def built(modality: str) -> tuple[Path, dict[str, Any]]:
         inputs = [first_fasta_records(PRJEB85, 150, src / "prjeb85.faa"), first_fasta_records(UNIPROT, 150, src / "uniprot.fasta")]
         manifest = write_shards("protein", inputs, out, shard_size=70, max_len=300, progress=False)
     elif modality == "pixels":
-        manifest = write_shards("pixels", [MNIST_IMAGES, MNIST_LABELS], out, shard_size=2500, progress=False)
+        inputs = mnist_idx_head(2000, src)
+        manifest = write_shards("pixels", inputs, out, shard_size=500, progress=False)
     elif modality == "text":
         manifest = write_shards("text", [SHAKESPEARE], out, shard_size=400, max_len=512, vocab_size=1000, progress=False)
     elif modality == "tabular":

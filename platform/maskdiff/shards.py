@@ -184,6 +184,9 @@ def _check_output(out: Path, overwrite: bool) -> None:
         raise ShardError(f"{out}: cannot create the output folder ({e.strerror or e})") from None
     if not os.access(out, os.W_OK | os.X_OK):
         raise ShardError(f"{out}: output folder is not writable")
+    for p in out.glob(f"{STAGING_PREFIX}*"):  # left behind by killed runs
+        if not _staging_alive(p):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
 def _encode_all(adapter: Adapter, inputs: Sequence[str | Path], stage: Path, name: str, shard_size: int, dtype: Any, show: bool) -> tuple[dict[str, int], list[dict[str, Any]]]:
@@ -256,9 +259,6 @@ def _move_into_place(stage: Path, out: Path, files: list[str], overwrite: bool) 
                 (out / f).unlink(missing_ok=True)
         for p in out.glob("*.tar"):
             p.unlink()
-        for p in out.glob(f"{STAGING_PREFIX}*"):
-            if p != stage and not _staging_alive(p):
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     for f in files:
         os.replace(stage / f, out / f)
     _fsync_dir(out)
@@ -450,7 +450,8 @@ class ShardSet(IterableDataset):
                 raise ChecksumError(f"{path}: sha256 {digest[:16]}... does not match the manifest's {entry['sha256'][:16]}...; the shard is corrupt or was changed")
         count = 0
         try:
-            for sample in wds.tariterators.group_by_keys(wds.tariterators.tar_file_iterator(io.BytesIO(data))):
+            members = ({**m, "__url__": str(path)} for m in wds.tariterators.tar_file_iterator(io.BytesIO(data)))
+            for sample in wds.tariterators.group_by_keys(members):
                 rec = decode_sample(sample)
                 rec.meta["modality"] = modality
                 count += 1
