@@ -6,6 +6,9 @@ vocabulary spec, counts, per-shard sha256) and DIR/rejects.jsonl (every refused
 input record with the reason). records_in == records_written + records_rejected.
 
 examples:
+  # the simplest: a FASTA file to DIR (crop at 1024 residues, terminal '*' stripped)
+  python tools/shard.py --modality protein --input X.fasta --output DIR
+
   # proteins, cropped to 512 residues, organism and evidence level as conditions
   python tools/shard.py --modality protein --input data/protein/uniprot-trembl-2k.fasta.gz \\
       --output shards/uniprot --max-len 512 --condition OS,PE
@@ -24,6 +27,11 @@ examples:
   # a table, 'year' forced categorical; then a second table with the same vocabulary
   python tools/shard.py --modality tabular --input data/tabular/penguins.csv --output shards/penguins --categorical year
   python tools/shard.py --modality tabular --input more-penguins.csv --output shards/penguins2 --state-from shards/penguins
+
+reading the shards back (what training uses):
+  from maskdiff.shards import ShardSet
+  data = ShardSet(["shards/uniprot", "shards/mnist"], shuffle_buffer=1000)   # .spec, .adapters
+  for record in torch.utils.data.DataLoader(data, batch_size=None, num_workers=2): ...
 
 exit status: 0 done (see rejects.jsonl for refused records), 2 a problem with the
 input, the output folder or the options (one line on stderr), 130 interrupted
@@ -49,7 +57,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, tuple[Option, set
                     help="input files, folders (searched recursively) or glob patterns; text files, images / .npy / .npz / IDX, FASTA[.gz], CSV / Parquet")
     ap.add_argument("--output", required=True, metavar="DIR", help="shard directory to create (must not hold shards already, unless --overwrite)")
     ap.add_argument("--name", help="shard file name prefix (default: the modality)")
-    ap.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, metavar="N", help=f"records per shard (default {DEFAULT_SHARD_SIZE})")
+    ap.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, metavar="N", help=f"stored records (text: windows) per shard (default {DEFAULT_SHARD_SIZE})")
     ap.add_argument("--max-len", type=int, metavar="L", help="text: tokens per window (default 1024); protein: length limit, see --length-policy (default 1024)")
     ap.add_argument("--overwrite", action="store_true", help="replace the shards, manifest and rejects already in DIR")
     ap.add_argument("--state-from", metavar="DIR", help="reuse the fitted adapter (vocabulary, bins, BPE model) of another shard directory of this modality")

@@ -69,7 +69,8 @@ def _bar(iterable: Any, enabled: bool, **kw: Any) -> Any:
         return iterable
     from tqdm import tqdm
 
-    return tqdm(iterable, disable=False, dynamic_ncols=True, **kw)
+    width = shutil.get_terminal_size((100, 20)).columns or 100  # some pseudo-terminals report 0 columns
+    return tqdm(iterable, disable=False, ncols=min(width, 120), **kw)
 
 
 # --- writing ---------------------------------------------------------------------------------
