@@ -1,0 +1,197 @@
+"""Training data: shard directories of several modalities mixed into padded batches.
+
+* :func:`ensure_shards` builds the configured shard directories that do not
+  exist yet from their raw inputs (``data.build``), through
+  :func:`maskdiff.shards.write_shards` like ``tools/shard.py``.
+* :func:`open_sources` opens one :class:`~maskdiff.shards.ShardSet` per
+  modality and merges their vocabularies into the run's spec (modalities in
+  canonical order, so the layout does not depend on the order of the config).
+* :class:`MixedBatches` draws each record's modality by the mixing weights,
+  streams records split over ranks and DataLoader workers (each record once
+  per epoch of its modality; every modality cycles through its own epochs),
+  sorts ``bucket`` micro-batches' worth of records by length to cut padding,
+  and collates them into right-padded :class:`~maskdiff.batch.Batch` objects
+  (the denoiser's attention ignores padding keys), so records of different
+  lengths and modalities share a batch.
+* Records are split into training and held-out sets by a hash of their id
+  (and text window), stable across runs, ranks and epochs.
+* The stream is a deterministic function of (seed, rank, worker count), so a
+  resumed run replays it to its saved position: ``start`` micro-batches are
+  drawn again without collating them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+from typing import Callable, Iterator, Mapping
+
+import numpy as np
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .batch import Batch, collate
+from .config import ConfigError, RunConfig
+from maskdiff.adapters import InputError
+
+from .shards import MANIFEST, ShardError, ShardSet, load_manifest, write_shards
+from .tokens import MODALITIES, Record, VocabMismatchError, VocabSpec
+
+
+def record_key(record: Record) -> str:
+    return f"{record.meta.get('id', '')}#{record.meta.get('window', 0)}"
+
+
+def is_heldout(record: Record, fraction: float) -> bool:
+    """Whether a record belongs to the held-out split (a stable hash of its key)."""
+    if fraction <= 0:
+        return False
+    h = int.from_bytes(hashlib.blake2b(record_key(record).encode(), digest_size=8).digest(), "big")
+    return h / 2.0**64 < fraction
+
+
+def ensure_shards(rc: RunConfig, log: Callable[[str], None] = print) -> list[Path]:
+    """Build every configured shard directory that has no manifest yet; return the built ones."""
+    built = []
+    for mod in rc.modalities:
+        for name in rc.data.sources[mod].dirs:
+            d = rc.data.shard_dir(name)
+            if (d / MANIFEST).is_file():
+                continue
+            recipe = rc.data.build.get(name)
+            if recipe is None:
+                raise ConfigError(f"config key 'data.sources.{mod}.dirs': shard directory {d} does not exist and data.build has no recipe for {name!r}")
+            if recipe.modality != mod:
+                raise ConfigError(f"config key 'data.build.{name}.modality': builds {recipe.modality} shards, but {name!r} is listed under data.sources.{mod}")
+            log(f"building {mod} shards in {d} from {', '.join(recipe.inputs)} (first use)")
+            try:
+                write_shards(mod, list(recipe.inputs), d, progress=False, **dict(recipe.options))
+            except (InputError, ValueError, TypeError) as e:
+                raise ConfigError(f"config key 'data.build.{name}': {e}") from None
+            built.append(d)
+    return built
+
+
+def open_sources(rc: RunConfig, rank: int, world_size: int, **kw) -> tuple[dict[str, ShardSet], VocabSpec]:
+    """One ShardSet per modality with a positive weight, and the merged vocabulary spec."""
+    sets: dict[str, ShardSet] = {}
+    for mod in rc.modalities:
+        key = f"data.sources.{mod}.dirs"
+        dirs = [rc.data.shard_dir(name) for name in rc.data.sources[mod].dirs]
+        for d in dirs:
+            try:
+                found = load_manifest(d)["modality"]
+            except ShardError as e:
+                raise ConfigError(f"config key '{key}': {e}") from None
+            if found != mod:
+                raise ConfigError(f"config key '{key}': {d} holds {found} shards, not {mod}")
+        try:
+            sets[mod] = ShardSet(dirs, rank=rank, world_size=world_size, **kw)
+        except (ShardError, VocabMismatchError) as e:
+            raise ConfigError(f"config key '{key}': {e}") from None
+    spec: VocabSpec | None = None
+    for mod in MODALITIES:
+        if mod in sets:
+            spec = sets[mod].spec if spec is None else spec.merged(sets[mod].spec)
+    assert spec is not None
+    return sets, spec
+
+
+def produced_before(consumed: int, worker: int, workers: int) -> int:
+    """Batches worker ``worker`` made for the first ``consumed`` of a round-robin DataLoader."""
+    return max(0, math.ceil((consumed - worker) / workers))
+
+
+class MixedBatches(IterableDataset):
+    """Endless padded micro-batches of records mixed over modalities (see the module docstring)."""
+
+    def __init__(self, sets: Mapping[str, ShardSet], weights: Mapping[str, float], spec: VocabSpec, *, batch_size: int,
+                 bucket: int = 1, max_len: int | None = None, heldout: float = 0.0, seed: int = 0, rank: int = 0, start: int = 0):
+        super().__init__()
+        self.mods = [m for m in MODALITIES if m in sets and weights.get(m, 0) > 0]
+        if not self.mods:
+            raise ValueError("no modality with a positive mixing weight")
+        total = sum(weights[m] for m in self.mods)
+        self.sets, self.probs = sets, np.array([weights[m] / total for m in self.mods])
+        self.spec, self.batch_size, self.bucket, self.max_len = spec, batch_size, bucket, max_len
+        self.heldout, self.seed, self.rank, self.start = heldout, seed, rank, start
+        if not all(sets[m].repeat for m in self.mods):
+            raise ValueError("MixedBatches needs endless sources (ShardSet(..., repeat=True))")
+
+    def _records(self, mod: str) -> Iterator[Record]:
+        for rec in self.sets[mod]:
+            if not is_heldout(rec, self.heldout):
+                yield rec
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        rng = np.random.default_rng([self.seed, self.rank, wid, nw])
+        streams = {m: self._records(m) for m in self.mods}
+        skip = produced_before(self.start, wid, nw)
+        n = self.batch_size * self.bucket
+        while True:
+            picks = rng.choice(len(self.mods), size=n, p=self.probs)
+            records = [next(streams[self.mods[i]]) for i in picks]
+            if self.bucket > 1:
+                records.sort(key=len)
+            chunks = [records[i : i + self.batch_size] for i in range(0, n, self.batch_size)]
+            for j in rng.permutation(len(chunks)):
+                if skip > 0:
+                    skip -= 1
+                    continue
+                yield self.collate(chunks[j])
+
+    def collate(self, records: list[Record]) -> Batch:
+        if self.max_len is not None:
+            for rec in records:
+                if len(rec) > self.max_len:
+                    raise ValueError(f"a {rec.meta.get('modality')} record ({rec.meta.get('id')}) has {len(rec)} tokens, more than data.max_len={self.max_len}")
+        return collate(records, self.spec)
+
+
+def batches(dataset: MixedBatches, workers: int) -> Iterator[Batch]:
+    """The dataset's batches, produced in ``workers`` DataLoader processes (0 = in this one)."""
+    if workers == 0:
+        return iter(dataset)
+    loader = DataLoader(dataset, batch_size=None, num_workers=workers, prefetch_factor=4, persistent_workers=False)
+    return iter(loader)
+
+
+def heldout_batches(rc: RunConfig, spec: VocabSpec, rank: int, world_size: int, count: int) -> dict[str, list[Batch]]:
+    """Up to ``count`` held-out micro-batches per modality for this rank (a fixed set)."""
+    out: dict[str, list[Batch]] = {}
+    if rc.data.heldout <= 0:
+        return out
+    for mod in rc.modalities:
+        records, found = [], []
+        dirs = [rc.data.shard_dir(name) for name in rc.data.sources[mod].dirs]
+        for rec in ShardSet(dirs, rank=rank, world_size=world_size):
+            if is_heldout(rec, rc.data.heldout):
+                records.append(rec)
+                if len(records) == rc.data.batch_size:
+                    found.append(collate(records, spec))
+                    records = []
+                    if len(found) == count:
+                        break
+        if records and len(found) < count:
+            found.append(collate(records, spec))
+        out[mod] = found
+    return out
+
+
+def train_dataset(rc: RunConfig, sets: Mapping[str, ShardSet], spec: VocabSpec, rank: int, start: int = 0) -> MixedBatches:
+    d = rc.data
+    return MixedBatches(sets, {m: d.sources[m].weight for m in rc.modalities}, spec, batch_size=d.batch_size, bucket=d.bucket,
+                        max_len=d.max_len, heldout=d.heldout, seed=rc.seed, rank=rank, start=start)
+
+
+def batch_tokens(batch: Batch) -> tuple[int, int]:
+    """(valid tokens, padded positions) of a batch."""
+    return int(batch.valid.sum()), int(batch.tokens.numel())
+
+
+__all__ = [
+    "MixedBatches", "batch_tokens", "batches", "ensure_shards", "heldout_batches", "is_heldout", "open_sources",
+    "produced_before", "record_key", "train_dataset",
+]
