@@ -23,6 +23,7 @@ demo: $(STAMP)
 	$(PY) tools/demo.py
 
 bench: $(STAMP)
+	$(PY) tools/bench_core.py
 	$(PY) tools/bench_shard.py
 	$(PY) tools/bench_train.py
 
