@@ -1,0 +1,140 @@
+"""Likelihood evaluation: the ELBO in bits per token (bits per dimension for images) per modality.
+
+Each of ``repeats`` passes over the records draws one time (and mask) per
+record, stratified across each batch; a pass gives one Monte Carlo estimate of
+the negative ELBO per token. The figure reported is the mean over passes and
+its standard error is their standard deviation over sqrt(repeats). Figures
+are also broken down by support (field), so an image's bits/dim leaves its
+class label out.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+
+from .batch import collate
+from .cli import UserError
+from .elbo import elbo
+from .tokens import MODALITIES, Record, VocabMismatchError, VocabSpec
+
+LN2 = math.log(2)
+IMAGE_SUPPORT = "pixels/value"
+
+
+@dataclass
+class Tally:
+    """Nats and token counts per support name, one entry per pass."""
+
+    nats: dict[str, list[float]]
+    tokens: dict[str, int]
+
+
+def check_shards(bundle, shard_spec: VocabSpec, adapter_fingerprint: str, modality: str, where: str) -> None:
+    """The shards' supports and adapter must be the bundle's (else :class:`VocabMismatchError`)."""
+    if modality not in bundle.adapters:
+        raise UserError(f"{where}: holds {modality} data, which the model was not trained on; its modalities are {', '.join(sorted(bundle.adapters))}")
+    for s in shard_spec.supports:
+        mine = bundle.spec.supports[bundle.spec.index[s.name]] if s.name in bundle.spec.index else None
+        if mine != s:
+            raise VocabMismatchError(f"{where}: support {s.name!r} is {s}, the model's is {mine}; the shards were made with another vocabulary")
+    if bundle.adapters[modality].fingerprint() != adapter_fingerprint:
+        raise VocabMismatchError(f"{where}: the {modality} adapter state (e.g. the BPE model or the column bins) differs from the model's; "
+                                 f"shard the data with --state-from the model's training shards")
+
+
+@torch.no_grad()
+def evaluate_records(bundle, records: Sequence[Record], *, repeats: int = 4, batch_size: int = 32, seed: int = 0,
+                     device: str = "cpu") -> Tally:
+    """Negative ELBO per support over ``repeats`` passes (see the module docstring)."""
+    if repeats < 1:
+        raise UserError(f"--repeats {repeats}: must be >= 1")
+    spec = bundle.spec
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    names = [s.name for s in spec.supports]
+    tally = Tally({}, {})
+    # sort by length so batches pad little; the estimate does not depend on the order
+    ordered = sorted(records, key=len)
+    batches = [collate(ordered[i : i + batch_size], spec).to(device) for i in range(0, len(ordered), batch_size)]
+    for rep in range(repeats):
+        nats: dict[str, float] = {}
+        for batch in batches:
+            res = elbo(bundle.denoiser, batch, bundle.schedules, draws=1, generator=g)
+            for sid in batch.support_ids[batch.valid].unique().tolist():
+                sel = batch.valid & (batch.support_ids == sid)
+                nats[names[sid]] = nats.get(names[sid], 0.0) + float(res.position_nats[sel].sum())
+                if rep == 0:
+                    tally.tokens[names[sid]] = tally.tokens.get(names[sid], 0) + int(sel.sum())
+        for name, v in nats.items():
+            tally.nats.setdefault(name, []).append(v)
+    return tally
+
+
+def _mean_se(per_pass_nats: Iterable[float], tokens: int) -> tuple[float, float]:
+    bits = np.array(list(per_pass_nats)) / (tokens * LN2)
+    se = float(bits.std(ddof=1) / math.sqrt(bits.size)) if bits.size > 1 else float("nan")
+    return float(bits.mean()), se
+
+
+def summarise(tally: Tally, spec: VocabSpec, records: int) -> dict[str, Any]:
+    """Per modality: bits/token (all its fields), its standard error, tokens, and the per-field breakdown."""
+    out: dict[str, Any] = {}
+    for mod in MODALITIES:
+        names = [n for n in tally.tokens if spec.support(n).modality == mod]
+        if not names:
+            continue
+        tokens = sum(tally.tokens[n] for n in names)
+        passes = np.sum([tally.nats[n] for n in names], axis=0)
+        bits, se = _mean_se(passes, tokens)
+        entry: dict[str, Any] = {"bits_per_token": bits, "stderr": se, "tokens": tokens, "records": records, "fields": {}}
+        for n in names:
+            b, s = _mean_se(tally.nats[n], tally.tokens[n])
+            entry["fields"][n] = {"bits_per_token": b, "stderr": s, "tokens": tally.tokens[n]}
+        if IMAGE_SUPPORT in entry["fields"]:
+            entry["bits_per_dim"] = entry["fields"][IMAGE_SUPPORT]["bits_per_token"]
+            entry["bits_per_dim_stderr"] = entry["fields"][IMAGE_SUPPORT]["stderr"]
+        out[mod] = entry
+    return out
+
+
+def shard_records(bundle, dirs: Sequence[str | Path], split: str = "auto", limit: int | None = None) -> tuple[dict[str, list[Record]], dict[str, str]]:
+    """Records of each shard directory, checked against the bundle; ``split`` all | heldout | auto.
+
+    ``auto`` takes only the held-out records (the trainer's hash split) from the
+    directories the model was trained on, and all records from the others.
+    """
+    from .loader import is_heldout
+    from .shards import ShardSet, load_manifest
+
+    if split not in ("all", "heldout", "auto"):
+        raise UserError(f"--split {split!r}: expected all, heldout or auto")
+    rc = bundle.config
+    trained = {rc.data.shard_dir(n).resolve() for src in rc.data.sources.values() for n in src.dirs}
+    by_mod: dict[str, list[Record]] = {}
+    used: dict[str, str] = {}
+    for d in map(Path, dirs):
+        if not d.exists():
+            raise UserError(f"{d}: no such shard directory")
+        m = load_manifest(d)
+        check_shards(bundle, VocabSpec.from_dict(m["vocab"]), m["adapter"]["fingerprint"], m["modality"], str(d))
+        which = split if split != "auto" else ("heldout" if d.resolve() in trained else "all")
+        used[str(d)] = which
+        recs = by_mod.setdefault(m["modality"], [])
+        for rec in ShardSet(d):
+            if which == "all" or is_heldout(rec, rc.data.heldout):
+                recs.append(rec)
+                if limit is not None and len(recs) >= limit:
+                    break
+    for mod, recs in by_mod.items():
+        if not recs:
+            raise UserError(f"no {mod} records to evaluate (the held-out split is empty: data.heldout={rc.data.heldout}); try --split all")
+    return by_mod, used
+
+
+__all__ = ["Tally", "check_shards", "evaluate_records", "shard_records", "summarise"]
