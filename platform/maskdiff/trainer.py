@@ -159,6 +159,9 @@ class Tally:
         present = [i for i in range(k) if v[k + i] > 0]
         return Tally({MODALITIES[i]: float(v[i]) for i in present}, {MODALITIES[i]: int(v[k + i]) for i in present}, int(v[-1]))
 
+    def token_counts(self) -> dict[str, int]:
+        return {m: self.tokens[m] for m in MODALITIES if m in self.tokens}
+
     @property
     def total_tokens(self) -> int:
         return sum(self.tokens.values())
@@ -380,6 +383,8 @@ class Trainer:
             from tqdm import tqdm
 
             bar = tqdm(total=stop, initial=start, unit="step", dynamic_ncols=True)
+        if heldout and start == 0:  # the untrained model's held-out ELBO: the baseline of the curves
+            self._eval_record(heldout, 0, stop, metrics, bar)
         tally, window_time, train_time = Tally(), 0.0, 0.0
         last = {"train": {}, "eval": {}, "tps": 0.0, "mem": 0.0}
         total_tokens = 0
@@ -396,18 +401,14 @@ class Trainer:
                 total_tokens += red.total_tokens
                 mem = _max_over_ranks(peak_memory_mb(self.device), self.device)
                 record = {"kind": "train", "step": step, "lr": self.scheduler.get_last_lr()[0], "loss": red.nats_per_token(),
-                          "bits_per_token": red.bits_per_token(), "tokens": red.tokens, "tokens_per_s": red.total_tokens / elapsed,
+                          "bits_per_token": red.bits_per_token(), "tokens": red.token_counts(), "tokens_per_s": red.total_tokens / elapsed,
                           "padding": 1.0 - red.total_tokens / max(1, red.positions), "peak_mem_mb": mem, "w": self.model.w_stats()}
                 metrics.write(record)
                 last.update(train=record["bits_per_token"], tps=record["tokens_per_s"], mem=mem)
                 self._report(bar, step, stop, record)
                 tally = Tally()
             if heldout and (step % t.eval_every == 0 or step == stop):
-                ev = self.evaluate(heldout)
-                record = {"kind": "eval", "step": step, "bits_per_token": ev.bits_per_token(), "tokens": ev.tokens}
-                metrics.write(record)
-                last["eval"] = record["bits_per_token"]
-                self._report(bar, step, stop, record)
+                last["eval"] = self._eval_record(heldout, step, stop, metrics, bar)
             if step % t.checkpoint_every == 0 or step == stop:
                 self.save_checkpoint(step)
         if bar is not None:
@@ -429,6 +430,13 @@ class Trainer:
                      + ", ".join(f"{m} {b:.3f}" for m, b in last["eval"].items()) + f"; {result.tokens_per_s:,.0f} tokens/s")
         dist.barrier()
         return result
+
+    def _eval_record(self, heldout: dict[str, list[Batch]], step: int, stop: int, metrics: MetricsLog, bar: Any) -> dict[str, float]:
+        ev = self.evaluate(heldout)
+        record = {"kind": "eval", "step": step, "bits_per_token": ev.bits_per_token(), "tokens": ev.token_counts()}
+        metrics.write(record)
+        self._report(bar, step, stop, record)
+        return record["bits_per_token"]
 
     def _report(self, bar: Any, step: int, stop: int, record: dict[str, Any]) -> None:
         if not self.is_main:

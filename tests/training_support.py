@@ -1,0 +1,68 @@
+"""Helpers for the training tests: shared tiny shards and tools/train.py runs in subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+TRAIN = [sys.executable, str(ROOT / "tools" / "train.py")]
+# the DeepSpeed op compiled on first use is cached in the (gitignored) build folder
+EXTENSIONS = os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / "build" / "torch_extensions"))
+
+
+def tiny_shard_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny config's shards, built once per test session from the shipped data."""
+    from maskdiff.config import load_config, to_run_config
+    from maskdiff.loader import ensure_shards
+
+    root = tmp_path_factory.getbasetemp() / "tiny-shards"
+    ensure_shards(to_run_config(load_config(TINY, [f"data.shard_root={root}"])), log=lambda _: None)
+    return root
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ, TORCH_EXTENSIONS_DIR=EXTENSIONS, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        e.pop(key, None)
+    return e
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_train(args: list[str], *, procs: int = 1, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``tools/train.py ARGS`` in a fresh process (``procs`` > 1: under torchrun, gloo)."""
+    if procs == 1:
+        cmd = TRAIN + args
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port", str(free_port())] + TRAIN[1:] + args
+    res = subprocess.run(cmd + ["--no-progress"], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+    if check and res.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {res.returncode}:\n{res.stderr[-4000:]}")
+    return res
+
+
+def tiny_args(shards: Path, run_dir: Path, *overrides: str) -> list[str]:
+    return ["--config", str(TINY), f"data.shard_root={shards}", f"run_dir={run_dir}", *overrides]
+
+
+def metrics(run_dir: Path, kind: str | None = None) -> list[dict]:
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [m for m in lines if kind is None or m["kind"] == kind]
+
+
+def weights(run_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "bundle" / "model.safetensors"))
