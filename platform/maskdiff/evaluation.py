@@ -137,4 +137,25 @@ def shard_records(bundle, dirs: Sequence[str | Path], split: str = "auto", limit
     return by_mod, used
 
 
-__all__ = ["Tally", "check_shards", "evaluate_records", "shard_records", "summarise"]
+
+
+
+def unigram_bits(train: Iterable[Record], test: Sequence[Record], spec: VocabSpec) -> dict[str, float]:
+    """Bits/token on ``test`` of a per-support unigram model fitted on ``train`` (add-one smoothed), per modality."""
+    counts = {s.name: np.ones(s.size) for s in spec.supports}
+    for rec in train:
+        for f in rec.fields:
+            t = f.tokens.reshape(-1)
+            counts[f.support] += np.bincount(t[t >= 0], minlength=counts[f.support].size)
+    nats: dict[str, float] = {}
+    tokens: dict[str, int] = {}
+    for rec in test:
+        for f in rec.fields:
+            t = f.tokens.reshape(-1)
+            t = t[t >= 0]
+            p = counts[f.support] / counts[f.support].sum()
+            mod = spec.support(f.support).modality
+            nats[mod] = nats.get(mod, 0.0) - float(np.log(p[t]).sum())
+            tokens[mod] = tokens.get(mod, 0) + t.size
+    return {m: nats[m] / (tokens[m] * LN2) for m in nats}
+__all__ = ["Tally", "check_shards", "evaluate_records", "shard_records", "summarise", "unigram_bits"]
