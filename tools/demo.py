@@ -106,27 +106,17 @@ def train(args, st: Stages) -> Path:
     return bundle
 
 
-def heldout(bundle, modality: str) -> tuple[list, list]:
-    """(training, held-out) records of ``modality`` in the bundle's shards, by the trainer's split."""
-    from maskdiff.generation import training_dirs
-    from maskdiff.loader import is_heldout
-    from maskdiff.shards import ShardSet
-
-    train, test = [], []
-    for rec in ShardSet(training_dirs(bundle, modality)):
-        (test if is_heldout(rec, bundle.config.data.heldout) else train).append(rec)
-    return train, test
-
-
 def images(args, st: Stages, model: Path, out: Path, bundle) -> dict:
     from PIL import Image
+
+    from maskdiff.generation import heldout_records
 
     labels = bundle.adapters["pixels"].labels
     classes = labels.categories[:10] if labels else []
     grid = out / "images" / "grid.png"
     st.tool("sample", "--model", model, "--num", 4 * max(1, len(classes)), *(["--label", *classes] if classes else []), "--steps", 48,
             "--seed", args.seed, "--output", grid, "--no-progress", "--overwrite")
-    _, test = heldout(bundle, "pixels")
+    _, test = heldout_records(bundle, "pixels")
     real = out / "images" / "heldout.png"
     Image.fromarray(test[0]["image"].tokens.astype(np.uint8)[:, :, 0]).save(real)
     inpaint = out / "images" / "inpaint.png"
@@ -136,17 +126,12 @@ def images(args, st: Stages, model: Path, out: Path, bundle) -> dict:
 
 
 def tables(args, st: Stages, model: Path, out: Path, bundle) -> dict:
-    from maskdiff.imputation import hide_cells, mode_mean_baseline, read_table, score, with_hidden, write_table
+    from maskdiff.imputation import heldout_split, hide_cells, mode_mean_baseline, read_table, score, with_hidden, write_table
 
     adapter = bundle.adapters["tabular"]
-    src = Path(bundle.config.data.build[bundle.config.data.sources["tabular"].dirs[0]].inputs[0])
     na = [v.strip() for v in adapter.options["na_values"].split(",") if v.strip()]
-    full = read_table(src, adapter.options["delimiter"], na)
-    _, test = heldout(bundle, "tabular")
-    rows = sorted({int(r.meta["id"].rsplit("#", 1)[1]) for r in test})
-    keep = set(rows)
-    train_t = type(full)(full.columns, [v for i, v in enumerate(full.values) if i not in keep], "csv")
-    test_t = type(full)(full.columns, [full.values[i] for i in rows], "csv", raw=[full.raw[0]] + [full.raw[i + 1] for i in rows])
+    train_t, test_t = heldout_split(bundle)
+    rows = list(range(test_t.num_rows))
     truth = out / "tables" / "heldout-truth.csv"
     write_table(test_t, {}, truth)
     cells = hide_cells(test_t, list(adapter.columns), 0.2, np.random.default_rng(args.seed))
@@ -164,10 +149,11 @@ def tables(args, st: Stages, model: Path, out: Path, bundle) -> dict:
 
 def proteins(args, st: Stages, model: Path, out: Path, bundle) -> dict:
     from maskdiff.adapters.protein import ALPHABET
+    from maskdiff.generation import heldout_records
 
     gen = out / "proteins" / "generated.fasta"
     st.tool("protein", "--model", model, "--num", 8, "--steps", 64, "--seed", args.seed, "--output", gen, "--no-progress", "--overwrite")
-    _, test = heldout(bundle, "protein")
+    _, test = heldout_records(bundle, "protein")
     seq = "".join(ALPHABET[i] for i in test[0]["sequence"].tokens[:40])
     template = seq[:15] + "_" * 10 + seq[25:]
     infill = out / "proteins" / "infilled.fasta"
@@ -189,7 +175,7 @@ def texts(args, st: Stages, model: Path, out: Path) -> dict:
 
 def evaluation(args, st: Stages, model: Path, out: Path, bundle) -> dict:
     from maskdiff.evaluation import unigram_bits
-    from maskdiff.generation import training_dirs
+    from maskdiff.generation import heldout_records, training_dirs
 
     dirs = [d for mod in bundle.config.modalities for d in training_dirs(bundle, mod)]
     path = out / "eval.json"
@@ -197,7 +183,7 @@ def evaluation(args, st: Stages, model: Path, out: Path, bundle) -> dict:
     result = json.loads(path.read_text())
     unigram = {}
     for mod in bundle.config.modalities:
-        train, test = heldout(bundle, mod)
+        train, test = heldout_records(bundle, mod)
         unigram.update(unigram_bits(train, test[:96], bundle.spec))
     return {"eval": result, "unigram": unigram}
 

@@ -353,6 +353,23 @@ def mode_mean_baseline(train: Table, cells: Sequence[tuple[int, int]], kinds: di
 
 
 __all__ = [
-    "Imputation", "SUMMARY_FIELDS", "Table", "check_columns", "format_value", "hide_cells", "impute", "mode_mean_baseline",
+    "Imputation", "SUMMARY_FIELDS", "Table", "check_columns", "format_value", "heldout_split", "hide_cells", "impute", "mode_mean_baseline",
     "quote", "read_table", "row_records", "score", "split_csv", "uncertainty", "unquote", "with_hidden", "write_summary", "write_table",
 ]
+
+
+def heldout_split(bundle) -> tuple[Table, Table]:
+    """(training rows, held-out rows) of the bundle's training table, by the trainer's split; raw text kept."""
+    from .generation import heldout_records
+
+    adapter = bundle.adapters["tabular"]
+    data = bundle.config.data
+    src = Path(data.build[data.sources["tabular"].dirs[0]].inputs[0])
+    na = [v.strip() for v in adapter.options["na_values"].split(",") if v.strip()]
+    full = read_table(src, adapter.options["delimiter"], na)
+    rows = sorted({int(r.meta["id"].rsplit("#", 1)[1]) for r in heldout_records(bundle, "tabular")[1]})
+    held = set(rows)
+    train = Table(full.columns, [v for i, v in enumerate(full.values) if i not in held], "csv",
+                  raw=[full.raw[0]] + [full.raw[i + 1] for i in range(full.num_rows) if i not in held])
+    test = Table(full.columns, [full.values[i] for i in rows], "csv", raw=[full.raw[0]] + [full.raw[i + 1] for i in rows])
+    return train, test

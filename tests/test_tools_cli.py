@@ -1,0 +1,150 @@
+"""The tools as a user meets them: --help, outputs, reproducibility, and one-line errors with status 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from adapter_fixtures import PENGUINS, ROOT, scratch
+from tasks_fixtures import load_tool, run_tool, shard_dir, tampered_bundle, tiny_bundle
+
+TOOLS = ("sample", "impute", "protein", "text", "evaluate", "demo", "bench_quality")
+FAST = ("--steps", "4", "--no-progress")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_bundle()
+
+
+@pytest.mark.parametrize("name", TOOLS)
+def test_help_has_examples(name, capsys):
+    with pytest.raises(SystemExit) as exc:
+        load_tool(name).main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "examples:" in out and f"tools/{name}.py" in out
+
+
+ERROR_CASES = {
+    "sample": ["--num", "2", "--output", "{tmp}/g.png"],
+    "impute": ["--input", str(PENGUINS), "--output", "{tmp}/f.csv"],
+    "protein": ["--num", "2", "--length", "5", "--output", "{tmp}/p.fasta"],
+    "text": ["--prompt", "hi", "--length", "3"],
+    "evaluate": ["--shards", "{shards}"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(ERROR_CASES))
+@pytest.mark.parametrize("which", ["missing", "tampered"])
+def test_missing_or_mismatched_bundle_is_one_line_and_status_2(name, which, capsys):
+    tmp = scratch(f"err-{name}-{which}")
+    bundle = tmp / "nope" if which == "missing" else tampered_bundle()
+    args = [a.format(tmp=tmp, shards=shard_dir("tabular")) for a in ERROR_CASES[name]]
+    code, out, err = run_tool(capsys, name, "--model", bundle, *args)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
+    assert ("no such bundle" in err) if which == "missing" else ("vocab.json" in err)
+    assert not list(tmp.glob("*.*"))
+
+
+def test_error_exit_as_a_subprocess_has_no_traceback():
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "impute.py"), "--model", "/nonexistent/bundle", "--input", str(PENGUINS),
+                           "--output", "/tmp/never.csv"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stderr.startswith("error: /nonexistent/bundle")
+
+
+def test_sample_grid_arrays_seed_and_inpainting(model, capsys):
+    tmp = scratch("sample")
+    code, out, err = run_tool(capsys, "sample", "--model", model, "--num", 6, "--label", "1", "7", "--output", tmp / "a.png", *FAST)
+    assert code == 0, err
+    assert (tmp / "a.png").read_bytes()[:4] == b"\x89PNG" and "network evaluations" in out
+    a = np.load(tmp / "a.npz")
+    assert a["images"].shape == (6, 8, 8, 1) and a["images"].dtype == np.uint8 and a["labels"].tolist() == ["1"] * 3 + ["7"] * 3
+    run_tool(capsys, "sample", "--model", model, "--num", 6, "--label", "1", "7", "--output", tmp / "b.png", *FAST)
+    assert np.array_equal(a["images"], np.load(tmp / "b.npz")["images"])
+    code, _, err = run_tool(capsys, "sample", "--model", model, "--num", 6, "--output", tmp / "a.png", *FAST)
+    assert code == 2 and "already exists; pass --overwrite" in err
+    from PIL import Image
+
+    Image.fromarray(a["images"][0, :, :, 0]).save(tmp / "in.png")
+    code, _, err = run_tool(capsys, "sample", "--model", model, "--input", tmp / "in.png", "--keep", "left", "--num", 3,
+                            "--method", "topk", "--output", tmp / "inp.png", *FAST)
+    assert code == 0, err
+    filled = np.load(tmp / "inp.npz")["images"]
+    assert (filled[:, :, :4] == a["images"][0, :, :4]).all()
+    code, _, err = run_tool(capsys, "sample", "--model", model, "--label", "cat", "--output", tmp / "c.png", *FAST)
+    assert code == 2 and "'cat' is not a value the model was trained with" in err
+
+
+def test_impute_tool_files_and_errors(model, capsys):
+    tmp = scratch("impute-cli")
+    lines = PENGUINS.read_text().splitlines(keepends=True)
+    masked = "".join([lines[0]] + [line.replace(",male,", ",,", 1) for line in lines[1:60]])
+    (tmp / "in.csv").write_text(masked)
+    code, out, err = run_tool(capsys, "impute", "--model", model, "--input", tmp / "in.csv", "--output", tmp / "out.csv", "--draws", 3, *FAST)
+    assert code == 0, err
+    assert sorted(p.name for p in tmp.iterdir()) == ["in.csv", "out-1.csv", "out-2.csv", "out-3.csv", "out-uncertainty.csv"]
+    for k in (1, 2, 3):
+        filled = (tmp / f"out-{k}.csv").read_text().splitlines()
+        for a, b in zip(masked.splitlines(), filled):
+            ca, cb = a.split(","), b.split(",")
+            assert all(x == y for x, y in zip(ca, cb) if x != "" and x != "NA") and all(y not in ("", "NA") for y in cb)
+    summary = (tmp / "out-uncertainty.csv").read_text().splitlines()
+    assert summary[0].startswith("row,column,kind,draws,mode,agreement") and len(summary) > 1
+    (tmp / "bad.csv").write_text("species,wingspan\nAdelie,3\n")
+    code, _, err = run_tool(capsys, "impute", "--model", model, "--input", tmp / "bad.csv", "--output", tmp / "x.csv", *FAST)
+    assert code == 2 and "'wingspan' are not columns the model knows" in err and not (tmp / "x.csv").exists()
+    code, _, err = run_tool(capsys, "impute", "--model", model, "--input", tmp / "in.csv", "--output", tmp / "x.parquet", *FAST)
+    assert code == 2 and "output must be too" in err
+
+
+def test_protein_tool(model, capsys):
+    tmp = scratch("protein-cli")
+    code, out, err = run_tool(capsys, "protein", "--model", model, "--template", "MKT____LLV", "--num", 3, "--condition", "PE=1",
+                              "--output", tmp / "t.fasta", *FAST)
+    assert code == 0, err
+    from Bio import SeqIO
+
+    recs = list(SeqIO.parse(tmp / "t.fasta", "fasta"))
+    assert len(recs) == 3 and all(str(r.seq)[:3] == "MKT" and str(r.seq)[7:] == "LLV" and len(r.seq) == 10 for r in recs)
+    assert all("PE=1" in r.description for r in recs)
+    code, _, err = run_tool(capsys, "protein", "--model", model, "--num", 4, "--lengths-from", shard_dir("protein"), "--output", tmp / "l.fasta", *FAST)
+    assert code == 0, err
+    assert all(1 <= len(r.seq) <= 40 for r in SeqIO.parse(tmp / "l.fasta", "fasta"))
+    code, _, err = run_tool(capsys, "protein", "--model", model, "--num", 2, "--output", tmp / "n.fasta", *FAST)  # the bundle's own shards
+    assert code == 0 and all(1 <= len(r.seq) <= 40 for r in SeqIO.parse(tmp / "n.fasta", "fasta"))
+    code, _, err = run_tool(capsys, "protein", "--model", model, "--num", 2, "--lengths-from", tmp, "--output", tmp / "e.fasta", *FAST)
+    assert code == 2 and err.startswith("error: ")
+    code, _, err = run_tool(capsys, "protein", "--model", model, "--length", 5, "--condition", "OS=human", "--output", tmp / "c.fasta", *FAST)
+    assert code == 2 and "no conditioning field OS" in err
+
+
+def test_text_tool(model, capsys):
+    tmp = scratch("text-cli")
+    code, out, err = run_tool(capsys, "text", "--model", model, "--template", "ROMEO:\\nI [MASK:3] the night", "--num", 2, *FAST)
+    assert code == 0, err
+    samples = out.split("--- sample ")[1:]
+    assert len(samples) == 2 and all(s.split("\n", 1)[1].startswith("ROMEO:\nI ") and s.rstrip("\n").endswith(" the night") for s in samples)
+    code, out, err = run_tool(capsys, "text", "--model", model, "--prompt", "KING", "--length", 5, "--output", tmp / "t.txt", *FAST)
+    assert code == 0 and (tmp / "t.txt").read_text().startswith("--- sample 1 ---\nKING")
+    code, _, err = run_tool(capsys, "text", "--model", model, "--template", "no holes", *FAST)
+    assert code == 2 and "no [MASK]" in err
+
+
+def test_evaluate_tool(model, capsys):
+    tmp = scratch("evaluate-cli")
+    code, out, err = run_tool(capsys, "evaluate", "--model", model, "--shards", shard_dir("protein"), shard_dir("pixels"), "--repeats", 2,
+                              "--output", tmp / "e.json")
+    assert code == 0, err
+    report = json.loads((tmp / "e.json").read_text())
+    assert set(report["modalities"]) == {"protein", "pixels"} and set(report["splits"].values()) == {"heldout"}
+    assert "bits_per_dim" in report["modalities"]["pixels"] and report["modalities"]["protein"]["stderr"] >= 0
+    other = scratch("evaluate-other") / "tab"
+    from maskdiff.shards import write_shards
+
+    write_shards("tabular", [PENGUINS], other, bins=4, progress=False)
+    code, _, err = run_tool(capsys, "evaluate", "--model", model, "--shards", other)
+    assert code == 2 and "another vocabulary" in err
