@@ -50,7 +50,9 @@ class JointModel(nn.Module):
         # start of the graph (zero weight), so its gradient is always ready last.
         params = self.schedule_parameters()
         idle = torch.stack([p.sum() for p in params]).sum() if params and torch.is_grad_enabled() else None
-        result = elbo(self.denoiser, batch, self.schedules, draws=self.draws if draws is None else draws, generator=generator)
+        low = self.denoiser.token_emb.weight.dtype  # bf16 when the engine has cast the module
+        with torch.autocast(batch.tokens.device.type, dtype=low, enabled=low in (torch.bfloat16, torch.float16)):
+            result = elbo(self.denoiser, batch, self.schedules, draws=self.draws if draws is None else draws, generator=generator)
         if idle is not None:
             result = replace(result, loss=result.loss + 0.0 * idle)
         return result

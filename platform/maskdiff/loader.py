@@ -16,14 +16,13 @@
 * Records are split into training and held-out sets by a hash of their id
   (and text window), stable across runs, ranks and epochs.
 * The stream is a deterministic function of (seed, rank, worker count), so a
-  resumed run replays it to its saved position: ``start`` micro-batches are
-  drawn again without collating them.
+  resumed run replays it to its saved position: the first ``start``
+  micro-batches are drawn again without collating them.
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
@@ -97,11 +96,6 @@ def open_sources(rc: RunConfig, rank: int, world_size: int, **kw) -> tuple[dict[
     return sets, spec
 
 
-def produced_before(consumed: int, worker: int, workers: int) -> int:
-    """Batches worker ``worker`` made for the first ``consumed`` of a round-robin DataLoader."""
-    return max(0, math.ceil((consumed - worker) / workers))
-
-
 class MixedBatches(IterableDataset):
     """Endless padded micro-batches of records mixed over modalities (see the module docstring)."""
 
@@ -128,7 +122,7 @@ class MixedBatches(IterableDataset):
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         rng = np.random.default_rng([self.seed, self.rank, wid, nw])
         streams = {m: self._records(m) for m in self.mods}
-        skip = produced_before(self.start, wid, nw)
+        skip = self.start // nw  # see batches(): the main process drops the first start % nw
         n = self.batch_size * self.bucket
         while True:
             picks = rng.choice(len(self.mods), size=n, p=self.probs)
@@ -151,11 +145,20 @@ class MixedBatches(IterableDataset):
 
 
 def batches(dataset: MixedBatches, workers: int) -> Iterator[Batch]:
-    """The dataset's batches, produced in ``workers`` DataLoader processes (0 = in this one)."""
+    """The dataset's batches, produced in ``workers`` DataLoader processes (0 = in this one).
+
+    A DataLoader takes batches from its workers in turn, starting with worker
+    0, so global batch ``g`` is batch ``g // workers`` of worker ``g % workers``.
+    To resume at ``start``, every worker skips ``start // workers`` batches
+    and the first ``start % workers`` batches (made again by workers that had
+    already delivered them) are dropped here.
+    """
     if workers == 0:
         return iter(dataset)
-    loader = DataLoader(dataset, batch_size=None, num_workers=workers, prefetch_factor=4, persistent_workers=False)
-    return iter(loader)
+    loader = iter(DataLoader(dataset, batch_size=None, num_workers=workers, prefetch_factor=4))
+    for _ in range(dataset.start % workers):
+        next(loader)
+    return loader
 
 
 def heldout_batches(rc: RunConfig, spec: VocabSpec, rank: int, world_size: int, count: int) -> dict[str, list[Batch]]:
@@ -193,5 +196,5 @@ def batch_tokens(batch: Batch) -> tuple[int, int]:
 
 __all__ = [
     "MixedBatches", "batch_tokens", "batches", "ensure_shards", "heldout_batches", "is_heldout", "open_sources",
-    "produced_before", "record_key", "train_dataset",
+    "record_key", "train_dataset",
 ]
