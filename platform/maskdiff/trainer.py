@@ -255,7 +255,8 @@ class Trainer:
         self.cfg = cfg
         self._collective(lambda: ensure_shards(self.rc, self.log) if self.is_main else None)
         d = self.rc.data
-        self.sets, self.spec = open_sources(self.rc, self.rank, self.world, shuffle_buffer=d.shuffle_buffer, seed=self.rc.seed, repeat=True)
+        self.sets, self.spec = self._collective(
+            lambda: open_sources(self.rc, self.rank, self.world, shuffle_buffer=d.shuffle_buffer, seed=self.rc.seed, repeat=True))
         self._check_same_spec(self.spec)
         if progress is None:
             progress = sys.stderr.isatty() and not os.environ.get("CI")
