@@ -54,7 +54,9 @@ def line_plot(series: Sequence[Series], path: str | Path, title: str, xlabel: st
             draw.line(xy, fill=rgb, width=2)
         for px, py in xy if len(xy) < 40 else []:
             draw.ellipse((px - 3, py - 3, px + 3, py + 3), fill=rgb)
-        draw.text((right - 130, top + 8 + 14 * i), f"— {label}", fill=rgb, font=font)
+        ly = top + 14 + 14 * i
+        draw.line((right - 130, ly, right - 110, ly), fill=rgb, width=2)
+        draw.text((right - 104, ly - 6), label, fill=rgb, font=font)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
