@@ -47,6 +47,8 @@ def test_overrides_and_base_chain(tmp_path: Path) -> None:
         (["data.sources.protein.weight=1.0", "schedules.protein.kind=linear"], "data.sources.protein.weight"),
         (["data.sources.pixels.dirs=[mnist]"], "schedules.pixels"),
         (["model.heads=3"], "model.heads"),
+        (["train.condition_dropout=0.2"], "train.condition_fields"),
+        (["train.condition_dropout=1.5", "train.condition_fields=[tabular/col:species]"], "train.condition_dropout"),
     ],
 )
 def test_bad_values_name_the_key(overrides: list[str], key: str) -> None:
@@ -96,3 +98,13 @@ def test_cli_refuses_existing_run_dir(tmp_path: Path) -> None:
     res = run_train(tiny_args(tmp_path / "s", run), check=False)
     assert res.returncode == 2 and "already exists; pass --overwrite" in res.stderr
     assert (run / "metrics.jsonl").read_text() == "{}\n"
+
+
+def test_condition_dropout_trains_and_unknown_fields_are_refused(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    shards = tiny_shard_root(tmp_path_factory)
+    drop = ["train.steps=3", "train.eval_every=3", "train.checkpoint_every=3", "train.condition_dropout=0.5"]
+    res = run_train(tiny_args(shards, tmp_path / "ok", *drop, "train.condition_fields=[tabular/col:species]"), check=False)
+    assert res.returncode == 0, res.stderr[-2000:]
+    res = run_train(tiny_args(shards, tmp_path / "bad", *drop, "train.condition_fields=[tabular/col:colour]"), check=False)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "train.condition_fields: no field support 'tabular/col:colour'" in res.stderr

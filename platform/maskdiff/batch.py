@@ -114,7 +114,7 @@ def drop_fields(batch: Batch, support_ids: Sequence[int], p: float, generator: t
         return batch
     B = batch.shape[0]
     ids = torch.as_tensor(list(support_ids), dtype=torch.long, device=batch.tokens.device)
-    coin = torch.rand((B, len(ids)), generator=generator).to(batch.tokens.device) < p  # (B, fields)
+    coin = torch.rand((B, len(ids)), generator=generator, device=batch.tokens.device) < p  # (B, fields)
     hit = (batch.support_ids.unsqueeze(-1) == ids) & coin.unsqueeze(1)  # (B, L, fields)
     dropped = hit.any(-1) & ~batch.pad
     return replace(batch, tokens=torch.where(dropped, batch.mask_id, batch.tokens), valid=batch.valid & ~dropped)

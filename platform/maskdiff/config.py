@@ -112,6 +112,10 @@ class TrainConfig:
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     plots: bool = True
+    # classifier-free guidance: per example, drop each of these conditioning fields (support
+    # names, e.g. pixels/label) with this probability, so one model learns p(x | c) and p(x)
+    condition_dropout: float = 0.0
+    condition_fields: List[str] = field(default_factory=list)
 
 
 @dataclass
@@ -260,6 +264,8 @@ def validate(rc: RunConfig) -> None:
     for name in ("log_every", "eval_every", "checkpoint_every"):
         _check(getattr(t, name) >= 1, f"train.{name}", "must be >= 1")
     _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
+    _check(0.0 <= t.condition_dropout < 1.0, "train.condition_dropout", f"must be in [0, 1), got {t.condition_dropout}")
+    _check(t.condition_dropout == 0 or bool(t.condition_fields), "train.condition_fields", "condition_dropout needs the fields to drop")
 
 
 __all__ = [

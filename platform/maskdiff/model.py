@@ -115,7 +115,8 @@ class TimeEmbedding(nn.Module):
 
     def forward(self, t: Tensor) -> Tensor:
         angles = 1000.0 * t.float().unsqueeze(-1) * self.freqs
-        return self.mlp(torch.cat((angles.sin(), angles.cos()), dim=-1))
+        features = torch.cat((angles.sin(), angles.cos()), dim=-1)
+        return self.mlp(features.to(self.mlp[0].weight.dtype))  # bf16 when the engine has cast the model
 
 
 class Denoiser(nn.Module):

@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from .batch import Batch
+from .batch import Batch, drop_fields
 from .config import ConfigError, RunConfig, save_config, to_run_config
 from .joint import JointModel
 from .loader import batches, ensure_shards, heldout_batches, open_sources, train_dataset
@@ -300,6 +300,7 @@ class Trainer:
                                                                  config=deepspeed_config(self.rc))
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(self.rc.seed * 1_000_003 + self.rank)
+        self.condition_ids = self._condition_ids()
         torch.manual_seed(self.rc.seed * 1_000_003 + self.rank)  # dropout etc. differ per rank, deterministically
 
     @property
@@ -339,9 +340,16 @@ class Trainer:
         return int(state["step"])
 
     # --- steps ------------------------------------------------------------------------------
+    def _condition_ids(self) -> list[int]:
+        known = {s.name for s in self.spec.supports}
+        for name in self.rc.train.condition_fields:
+            if name not in known:
+                raise ConfigError(f"train.condition_fields: no field support {name!r} in the data; known: {', '.join(sorted(known))}")
+        return [self.spec.support_id(name) for name in self.rc.train.condition_fields]
+
     def _train_step(self, it: Iterator[Batch], tally: Tally) -> None:
         for _ in range(self.rc.deepspeed.grad_accum):
-            batch = next(it).to(self.device)
+            batch = drop_fields(next(it).to(self.device), self.condition_ids, self.rc.train.condition_dropout, self.generator)
             result = self.engine(batch, generator=self.generator)
             self.engine.backward(result.loss)
             self.engine.step()
