@@ -61,7 +61,7 @@ def sklearn():
 
 
 def bench_impute(bundle, args) -> dict:
-    from maskdiff.imputation import heldout_split, hide_cells, impute, mode_mean_baseline, score, with_hidden
+    from maskdiff.imputation import consensus, heldout_split, hide_cells, impute, mode_mean_baseline, score, with_hidden
     from maskdiff.sampler import SamplerOptions
 
     sk_impute, _ = sklearn()
@@ -69,8 +69,9 @@ def bench_impute(bundle, args) -> dict:
     train, test = heldout_split(bundle)
     cells = hide_cells(test, list(adapter.columns), 0.2, np.random.default_rng(args.seed))
     kinds = {c: adapter.kind(c) for c in adapter.columns}
-    imp = impute(bundle, with_hidden(test, cells), SamplerOptions(steps=args.steps), cli.generator(args.seed))
-    out = {"rows": test.num_rows, "cells": len(cells), "model": score(test, cells, imp.draws[0], kinds)["all"],
+    imp = impute(bundle, with_hidden(test, cells), SamplerOptions(steps=args.steps), cli.generator(args.seed), draws=5)
+    out = {"rows": test.num_rows, "cells": len(cells), "model (consensus of 5 draws)": score(test, cells, consensus(imp.draws, test.columns, kinds), kinds)["all"],
+           "model (one draw)": score(test, cells, imp.draws[0], kinds)["all"],
            "mode/mean": score(test, cells, mode_mean_baseline(train, cells, kinds), kinds)["all"]}
     X_train, X_test = _encode(train, kinds), _encode(with_hidden(test, cells), kinds)
     for name, imputer in (("knn", sk_impute.KNNImputer(n_neighbors=5)), ("iterative", sk_impute.IterativeImputer(max_iter=10, random_state=args.seed))):

@@ -339,6 +339,21 @@ def score(truth: Table, cells: Sequence[tuple[int, int]], guesses: dict[tuple[in
     return out
 
 
+def consensus(draws: Sequence[dict[tuple[int, int], Any]], columns: Sequence[str], kinds: dict[str, str]) -> dict[tuple[int, int], Any]:
+    """Point estimate from multiple imputations: per cell, the most frequent draw
+    (categorical) or the mean of the draws (numeric). A single draw is a sample of the
+    conditional, so its accuracy is below that of the conditional's mode; compare
+    point-estimating baselines against this."""
+    out: dict[tuple[int, int], Any] = {}
+    for cell in draws[0]:
+        values = [d[cell] for d in draws]
+        if kinds[columns[cell[1]]] == "numeric":
+            out[cell] = float(np.mean([float(v) for v in values]))
+        else:
+            out[cell] = Counter(str(v).strip() for v in values).most_common(1)[0][0]
+    return out
+
+
 def mode_mean_baseline(train: Table, cells: Sequence[tuple[int, int]], kinds: dict[str, str]) -> dict[tuple[int, int], Any]:
     """Each hidden cell guessed as its column's most frequent value (categorical) or mean (numeric) in ``train``."""
     guess: dict[int, Any] = {}
