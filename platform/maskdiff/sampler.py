@@ -122,7 +122,7 @@ def guided(cond: Tensor, uncond: Tensor, w: float) -> Tensor:
 
 
 class _Predictor:
-    """Network calls with guidance and output shaping, cached while nothing changes."""
+    """Network calls (with guidance), cached while nothing changes."""
 
     def __init__(self, denoiser: Denoiser, batch: Batch, schedules: ModalitySchedules, opts: SamplerOptions):
         self.denoiser, self.batch, self.opts = denoiser, batch, opts
@@ -140,8 +140,8 @@ class _Predictor:
             x_u = torch.where(self.drop, self.batch.mask_id, x)
             logp = guided(logp, self.denoiser(x_u, self.batch.with_tokens(x_u), tt), self.opts.guidance)
             self.calls += 1
-        self._cached = shape_distribution(logp.to(torch.float64), self.opts.temperature, self.opts.top_p)
-        return self._cached
+        self._cached = logp
+        return logp
 
     def invalidate(self) -> None:
         self._cached = None
@@ -173,7 +173,8 @@ def sample(
         masked = x == batch.mask_id
         if not masked.any():
             break
-        mu = predict(x, t)[masked].exp()  # (M, V) at the masked positions only
+        logp = predict(x, t)[masked].to(torch.float64)  # (M, V) at the masked positions only
+        mu = shape_distribution(logp, opts.temperature, opts.top_p).exp()
         rates = unmask_rates(schedules, t, s, mu.shape[-1], x.device)[batch.modality_ids[masked]]
         if opts.method == "topk":
             new = _topk_step(x, masked, mu, rates, t, opts.confidence_noise, batch.mask_id, generator)
