@@ -45,7 +45,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default="outputs", help="report folder (default outputs)")
     p.add_argument("--run-dir", default="runs/demo", help="training run directory (default runs/demo)")
     p.add_argument("--config", default="configs/joint.yaml", help="run configuration (default configs/joint.yaml)")
-    p.add_argument("--steps", type=int, default=500, help="training steps (default 500)")
+    p.add_argument("--steps", type=int, default=1000, help="training steps (default 1000, about 8 minutes on 2 cores)")
     p.add_argument("--reuse", action="store_true", help="reuse the bundle in --run-dir if there is one instead of training")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     return p.parse_args(argv)
