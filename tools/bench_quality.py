@@ -160,9 +160,7 @@ def run(args) -> int:
             print(f"running {name} ...", file=sys.stderr, flush=True)
             result[name] = fn(bundle, args)
     text = json.dumps(result, indent=1) + "\n"
-    if args.output:
-        cli.write_text(args.output, text)
-    sys.stdout.write(text)
+    cli.emit(text, args.output, text)
     return 0
 
 

@@ -56,12 +56,8 @@ def run(args) -> int:
         tally = evaluate_records(bundle, records, repeats=args.repeats, batch_size=args.batch_size, seed=args.seed, device=args.device)
         report["modalities"].update(summarise(tally, bundle.spec, len(records)))
     text = json.dumps(report, indent=1) + "\n"
-    if args.output:
-        cli.write_text(args.output, text)
-        lines = [f"{m}: {e['bits_per_token']:.3f} ± {e['stderr']:.3f} bits/token" for m, e in report["modalities"].items()]
-        print(f"wrote {args.output}: " + "; ".join(lines))
-    else:
-        sys.stdout.write(text)
+    lines = [f"{m}: {e['bits_per_token']:.3f} ± {e['stderr']:.3f} bits/token" for m, e in report["modalities"].items()]
+    cli.emit(text, args.output, f"wrote {args.output}: " + "; ".join(lines))
     return 0
 
 

@@ -66,11 +66,7 @@ def run(args) -> int:
     filled = fill(bundle, records, sampler_options(args), cli.generator(args.seed, args.device), batch_size=args.batch_size,
                   device=args.device, progress=cli.show_progress(args.progress))
     text = "".join(f"--- sample {i} ---\n{adapter.decode(r)}\n" for i, r in enumerate(filled.records, 1))
-    if args.output:
-        cli.write_text(args.output, text)
-        print(f"wrote {args.num} sample(s) to {args.output}, {filled.network_calls} network evaluations")
-    else:
-        sys.stdout.write(text)
+    cli.emit(text, args.output, f"wrote {args.num} sample(s) to {args.output}, {filled.network_calls} network evaluations")
     return 0
 
 

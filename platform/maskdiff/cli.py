@@ -122,6 +122,15 @@ def write_text(path: str | Path, text: str) -> Path:
     return Path(path)
 
 
+def emit(text: str, output: str | Path | None, summary: str) -> None:
+    """Write ``text`` to ``output`` (atomically) and print ``summary``, or print ``text`` itself."""
+    if output:
+        write_text(output, text)
+        print(summary)
+    else:
+        sys.stdout.write(text)
+
+
 def open_bundle(path: str | Path, modality: str | None = None, device: str = "cpu"):
     """Load a bundle, with a one-line :class:`UserError` for a missing one or a missing modality."""
     from .bundle import load_bundle
