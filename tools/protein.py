@@ -12,9 +12,9 @@ examples:
   python tools/protein.py --model runs/joint/bundle --template MKT____LLV --num 5 --output infill.fasta
 
 Templates use one letter per residue and _ (or - or ?) for each residue to
-fill. Without --template and --length, lengths are drawn from the shards the
-model was trained on (found through the bundle's config), or from
---lengths-from DIR. Header fields not given with --condition are sampled too
+fill. Without --template and --length, lengths are drawn from the training
+length distribution stored in the bundle (older bundles: the training shards,
+found through the bundle's config), or from --lengths-from DIR. Header fields not given with --condition are sampled too
 and written into each FASTA header as KEY=value. The same --seed gives the
 same sequences. Exit status: 0 done, 2 a problem with the input (one line on
 stderr).

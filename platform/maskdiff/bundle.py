@@ -57,8 +57,12 @@ class Bundle:
 
 
 def export_bundle(out: str | Path, model: torch.nn.Module, cfg: DictConfig, spec: VocabSpec, adapters: Mapping[str, Adapter],
-                  *, step: int, metrics: dict[str, Any] | None = None) -> Path:
-    """Write a bundle of ``model`` (a JointModel) to ``out`` (replacing an older one there)."""
+                  *, step: int, metrics: dict[str, Any] | None = None, lengths: dict[str, Any] | None = None) -> Path:
+    """Write a bundle of ``model`` (a JointModel) to ``out`` (replacing an older one there).
+
+    ``lengths`` (modality -> field -> {length: records}) records the training length
+    distribution of variable-length fields, so generation needs no training shards.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
@@ -70,7 +74,7 @@ def export_bundle(out: str | Path, model: torch.nn.Module, cfg: DictConfig, spec
         d.mkdir(parents=True, exist_ok=True)
         (d / "state.json").write_text(json.dumps(adapter.state(d), indent=1) + "\n")
     info = {"format": FORMAT, "version": VERSION, "step": step, "vocab_fingerprint": spec.fingerprint(), "modalities": sorted(adapters),
-            "parameters": sum(v.numel() for v in weights.values()), "metrics": metrics or {}}
+            "parameters": sum(v.numel() for v in weights.values()), "metrics": metrics or {}, "lengths": lengths or {}}
     (out / INFO).write_text(json.dumps(info, indent=1) + "\n")
     return out
 

@@ -100,9 +100,13 @@ def training_dirs(bundle, modality: str) -> list[Path]:
 
 
 def length_sampler(bundle, modality: str, field: str, dirs: Sequence[str | Path] = ()) -> np.ndarray:
-    """Lengths of ``field`` in the training shards (given ``dirs``, else the bundle's own, if present here)."""
+    """Lengths of ``field`` to draw from: those in ``dirs`` if given, else the training length
+    distribution stored in the bundle, else the bundle's training shards if present here."""
     from .shards import ShardSet
 
+    stored = bundle.info.get("lengths", {}).get(modality, {}).get(field)
+    if stored and not dirs:
+        return np.repeat(np.array([int(n) for n in stored]), [int(c) for c in stored.values()])
     paths = [Path(d) for d in dirs] or training_dirs(bundle, modality)
     if not paths:
         raise UserError(f"no {modality} shards to take lengths from (the training shards are not here); give --length N or --lengths-from DIR")

@@ -33,7 +33,8 @@ import tarfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from collections import Counter
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -461,6 +462,15 @@ class ShardSet(IterableDataset):
             raise ShardError(f"{path}: unreadable shard ({e})") from None
         if count != entry["records"]:
             raise ShardError(f"{path}: holds {count} records, its manifest says {entry['records']}")
+
+
+def field_lengths(records: Iterable[Record]) -> dict[str, dict[int, int]]:
+    """field name -> {length: count} over ``records``, for the fields whose length varies."""
+    counts: dict[str, Counter] = {}
+    for rec in records:
+        for f in rec.fields:
+            counts.setdefault(f.name, Counter())[f.tokens.size] += 1
+    return {name: dict(sorted(c.items())) for name, c in counts.items() if len(c) > 1}
 
 
 def _shuffled(stream: Iterator[Record], size: int, rng: random.Random) -> Iterator[Record]:

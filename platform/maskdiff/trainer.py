@@ -37,7 +37,8 @@ from omegaconf import DictConfig, OmegaConf
 from .batch import Batch, drop_fields
 from .config import ConfigError, RunConfig, save_config, to_run_config
 from .joint import JointModel
-from .loader import batches, ensure_shards, heldout_batches, open_sources, train_dataset
+from .loader import batches, ensure_shards, heldout_batches, is_heldout, open_sources, train_dataset
+from .shards import ShardSet, field_lengths
 from .tokens import MODALITIES, VocabSpec
 
 CHECKPOINTS, METRICS, CONFIG, SUMMARY = "checkpoints", "metrics.jsonl", "config.yaml", "summary.json"
@@ -340,6 +341,11 @@ class Trainer:
         return int(state["step"])
 
     # --- steps ------------------------------------------------------------------------------
+    def _training_lengths(self, modality: str) -> dict[str, dict[int, int]]:
+        """Length distribution of the variable-length fields of this modality's training records (all ranks' shards)."""
+        every = ShardSet(self.sets[modality].dirs, rank=0, world_size=1)
+        return field_lengths(r for r in every if not is_heldout(r, self.rc.data.heldout))
+
     def _condition_ids(self) -> list[int]:
         known = {s.name for s in self.spec.supports}
         for name in self.rc.train.condition_fields:
@@ -425,8 +431,10 @@ class Trainer:
         finished = stop == t.steps
         bundle = None
         if finished and self.is_main:
+            lengths = {m: self._training_lengths(m) for m in self.sets if m in ("text", "protein")}
             bundle = export_bundle(self.run_dir / "bundle", self.engine.module, self.cfg, self.spec,
-                                   {m: s.adapters[m] for m, s in self.sets.items()}, step=stop, metrics={"heldout_bits_per_token": last["eval"]})
+                                   {m: s.adapters[m] for m, s in self.sets.items()}, step=stop,
+                                   metrics={"heldout_bits_per_token": last["eval"]}, lengths=lengths)
             if t.plots:
                 plot_metrics(self.run_dir / METRICS, self.run_dir / "plots")
         result = RunResult(self.run_dir, stop, finished, last["train"], last["eval"], total_tokens / max(train_time, 1e-9), last["mem"], bundle)
