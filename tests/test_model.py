@@ -1,8 +1,6 @@
 """The denoiser: outputs restricted to each field's support, padding-blind, bidirectional."""
 
-import math
 
-import numpy as np
 import pytest
 import torch
 

@@ -21,7 +21,6 @@ status: 0 done, 2 a problem with the input (one line on stderr).
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 from maskdiff import cli
 

@@ -32,6 +32,7 @@ class Schedule(nn.Module):
     the whole vector over the vocabulary.
     """
 
+    kind: str = ""
     state_dependent: bool = False
 
     def alpha(self, t: Tensor, values: Tensor) -> Tensor:
@@ -48,10 +49,6 @@ class Schedule(nn.Module):
         """``-alpha'_t / (1 - alpha_t) >= 0``: the weight of a masked token's loss at t."""
         return -self.dalpha(t, values) / self.mask_prob(t, values)
 
-    def describe(self) -> dict:
-        return {"kind": self.kind}
-
-    kind: str = ""
 
 
 class ValueFreeSchedule(Schedule):
@@ -143,9 +140,6 @@ class Geometric(ValueFreeSchedule):
 
     def one_minus_f(self, t: Tensor) -> Tensor:
         return -torch.expm1(-self._sigma(t))
-
-    def describe(self) -> dict:
-        return {"kind": self.kind, "b_min": self.b_min, "b_max": self.b_max}
 
 
 class LearnedPoly(Schedule):
