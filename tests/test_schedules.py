@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from maskdiff.schedules import KINDS, LearnedPoly, ModalitySchedules, make_schedule
+from maskdiff.schedules import KINDS, T_MIN, LearnedPoly, ModalitySchedules, make_schedule
 
 ALL = ["linear", "cosine", "poly2", "poly3.5", "geometric", "genmd4"]
 
@@ -80,3 +80,48 @@ def test_make_schedule_errors():
         make_schedule("sigmoid")
     with pytest.raises(ValueError, match="vocabulary size"):
         make_schedule("genmd4")
+
+
+EXTREME = {
+    "linear": lambda: make_schedule("linear"),
+    "cosine": lambda: make_schedule("cosine"),
+    "poly50": lambda: make_schedule("poly50"),
+    "poly0.05": lambda: make_schedule("poly0.05"),
+    "geometric": lambda: make_schedule("geometric", b_min=1e-8, b_max=100.0),
+    "genmd4": lambda: _learned([0.01, 0.5, 1.0, 10.0, 50.0]),
+}
+
+
+def _learned(w: list[float]) -> LearnedPoly:
+    sched = LearnedPoly(len(w))
+    with torch.no_grad():
+        sched.w_raw.copy_(torch.log(torch.expm1(torch.tensor(w, dtype=torch.float64))))
+    return sched
+
+
+def _float64_twin(sched, kind):
+    """The same schedule in float64; for GenMD4 with exactly the (rounded) w of ``sched``."""
+    if kind != "genmd4":
+        return EXTREME[kind]()
+    return _learned(sched.w.detach().double().tolist()).double()
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float32, 1e-4), (torch.bfloat16, 0.1)])
+@pytest.mark.parametrize("kind", list(EXTREME))
+def test_low_precision_rates_and_mask_probabilities_at_extreme_parameters(kind, dtype, rtol):
+    """In float32 and bfloat16, over [t_min, 1]: finite, in range, and close to float64 at the same (rounded) inputs."""
+    sched = EXTREME[kind]().to(dtype)
+    ref = _float64_twin(sched, kind)
+    v = torch.arange(5).view(1, 5)
+    t = torch.cat((torch.tensor([T_MIN]), torch.logspace(math.log10(T_MIN), 0, 60))).to(dtype).view(-1, 1)
+    t64 = t.double()
+    with torch.no_grad():
+        mp, rate, lmp = sched.mask_prob(t, v), sched.rate(t, v), sched.log_mask_prob(t, v)
+        assert mp.dtype == dtype and rate.dtype == dtype
+        assert torch.isfinite(mp).all() and (mp >= 0).all() and (mp <= 1).all()
+        assert torch.isfinite(rate).all() and (rate >= 0).all()
+        assert torch.isfinite(lmp).all()  # log(1 - alpha) stays finite where 1 - alpha underflows
+        tiny = torch.finfo(dtype).tiny
+        torch.testing.assert_close(mp.double(), ref.mask_prob(t64, v), rtol=rtol, atol=tiny)
+        torch.testing.assert_close(rate.double(), ref.rate(t64, v), rtol=rtol, atol=1e-6)
+        torch.testing.assert_close(lmp.double(), ref.log_mask_prob(t64, v), rtol=rtol, atol=1e-3)

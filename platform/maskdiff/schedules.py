@@ -46,9 +46,16 @@ class Schedule(nn.Module):
         return 1.0 - self.alpha(t, values)
 
     def rate(self, t: Tensor, values: Tensor) -> Tensor:
-        """``-alpha'_t / (1 - alpha_t) >= 0``: the weight of a masked token's loss at t."""
+        """``-alpha'_t / (1 - alpha_t) >= 0``: the weight of a masked token's loss at t.
+
+        Subclasses give it in closed form: the quotient underflows to 0/0 in
+        float32 where ``1 - alpha_t`` does (``t^K`` near t_min for large K).
+        """
         return -self.dalpha(t, values) / self.mask_prob(t, values)
 
+    def log_mask_prob(self, t: Tensor, values: Tensor) -> Tensor:
+        """``log(1 - alpha_t)``, finite wherever ``1 - alpha_t`` would underflow."""
+        return torch.log(self.mask_prob(t, values))
 
 
 class ValueFreeSchedule(Schedule):
@@ -69,8 +76,20 @@ class ValueFreeSchedule(Schedule):
     def mask_prob(self, t: Tensor, values: Tensor) -> Tensor:
         return torch.broadcast_to(self.one_minus_f(t), torch.broadcast_shapes(t.shape, values.shape))
 
+    def rate(self, t: Tensor, values: Tensor) -> Tensor:
+        return torch.broadcast_to(self.rate_t(t), torch.broadcast_shapes(t.shape, values.shape))
+
+    def log_mask_prob(self, t: Tensor, values: Tensor) -> Tensor:
+        return torch.broadcast_to(self.log_one_minus_f(t), torch.broadcast_shapes(t.shape, values.shape))
+
     def one_minus_f(self, t: Tensor) -> Tensor:
         return 1.0 - self.f(t)
+
+    def rate_t(self, t: Tensor) -> Tensor:
+        return -self.df(t) / self.one_minus_f(t)
+
+    def log_one_minus_f(self, t: Tensor) -> Tensor:
+        return torch.log(self.one_minus_f(t))
 
 
 class Linear(ValueFreeSchedule):
@@ -85,6 +104,9 @@ class Linear(ValueFreeSchedule):
     def one_minus_f(self, t: Tensor) -> Tensor:
         return t
 
+    def rate_t(self, t: Tensor) -> Tensor:
+        return 1.0 / t
+
 
 class Cosine(ValueFreeSchedule):
     kind = "cosine"
@@ -97,6 +119,10 @@ class Cosine(ValueFreeSchedule):
 
     def one_minus_f(self, t: Tensor) -> Tensor:
         return torch.sin(0.5 * math.pi * t)
+
+    def rate_t(self, t: Tensor) -> Tensor:
+        # (pi/2) sin(pi/2 (1 - t)) / sin(pi/2 t); written with 1 - t so that t = 1 gives exactly 0
+        return 0.5 * math.pi * torch.sin(0.5 * math.pi * (1.0 - t)) / torch.sin(0.5 * math.pi * t)
 
 
 class Poly(ValueFreeSchedule):
@@ -117,6 +143,12 @@ class Poly(ValueFreeSchedule):
 
     def one_minus_f(self, t: Tensor) -> Tensor:
         return t**self.power
+
+    def rate_t(self, t: Tensor) -> Tensor:
+        return self.power / t  # K t^(K-1) / t^K
+
+    def log_one_minus_f(self, t: Tensor) -> Tensor:
+        return self.power * torch.log(t)
 
 
 class Geometric(ValueFreeSchedule):
@@ -140,6 +172,11 @@ class Geometric(ValueFreeSchedule):
 
     def one_minus_f(self, t: Tensor) -> Tensor:
         return -torch.expm1(-self._sigma(t))
+
+    def rate_t(self, t: Tensor) -> Tensor:
+        # sigma' e^-sigma / (1 - e^-sigma) = log(b_max / b_min) sigma / (e^sigma - 1): 0, not inf/inf, for large sigma
+        sigma = self._sigma(t)
+        return math.log(self.b_max / self.b_min) * sigma / torch.expm1(sigma)
 
 
 class LearnedPoly(Schedule):
@@ -170,6 +207,12 @@ class LearnedPoly(Schedule):
 
     def mask_prob(self, t: Tensor, values: Tensor) -> Tensor:
         return t ** self.w[values]
+
+    def rate(self, t: Tensor, values: Tensor) -> Tensor:
+        return self.w[values] / t  # w t^(w-1) / t^w, finite where t^w underflows
+
+    def log_mask_prob(self, t: Tensor, values: Tensor) -> Tensor:
+        return self.w[values] * torch.log(t)
 
 
 _POLY = re.compile(r"^poly(\d+(\.\d+)?)$")
@@ -202,6 +245,9 @@ class ModalitySchedules(nn.Module):
             raise ValueError("no schedules given")
         self.by_id = nn.ModuleDict({str(k): v for k, v in schedules.items()})
         self.t_min = t_min
+
+    def for_modality(self, modality_id: int) -> Schedule | None:
+        return self.by_id[str(modality_id)] if str(modality_id) in self.by_id else None
 
     def items(self) -> list[tuple[int, Schedule]]:
         return [(int(k), v) for k, v in self.by_id.items()]
