@@ -62,6 +62,7 @@ class PosteriorOracle:
 
     def __init__(self, data: IndependentData, schedules: ModalitySchedules, state_aware: bool = True):
         self.data, self.schedules, self.state_aware = data, schedules, state_aware
+        self.spec = data.spec
         self.time_conditioned = state_aware and schedules.state_dependent
         self.calls = 0
 
@@ -100,20 +101,122 @@ class PairData:
         return float(-(p * p.log()).sum())
 
     def posterior(self, x_t: Tensor, batch: Batch, t: Tensor) -> Tensor:
+        """The exact posterior under a value-free (MD4) schedule, log-probabilities (B, 2, K)."""
         B = x_t.shape[0]
-        m = batch.mask_id
+        return self.conditional(x_t, batch.mask_id, torch.ones(B, self.K, dtype=torch.float64)).log()
+
+    def conditional(self, x_t: Tensor, mask_id: int, weight: Tensor) -> Tensor:
+        """p(x0_n = i | x_t) for both positions n, given ``weight`` (B, K) = 1 - alpha_t[i] per row.
+
+        Other position visible with value v: P(i, v) (1 - alpha_t[i]); masked too:
+        sum_j P(i, j) (1 - alpha_t[i]) (1 - alpha_t[j]). Renormalised.
+        """
+        B = x_t.shape[0]
         out = torch.empty(B, 2, self.K, dtype=torch.float64)
-        marg = (self.joint.sum(1), self.joint.sum(0))
         for n, other in ((0, 1), (1, 0)):
-            vis = x_t[:, other] != m
+            P = self.joint if n == 0 else self.joint.T  # P[i, j]: position n = i, the other = j
+            vis = x_t[:, other] != mask_id
             v = x_t[:, other].clamp(max=self.K - 1)
-            cond = self.joint[:, v].T if n == 0 else self.joint[v, :]
-            cond = cond / cond.sum(-1, keepdim=True)
-            out[:, n] = torch.where(vis.unsqueeze(-1), cond, marg[n].expand(B, -1))
-        return out.log()
+            seen = P[:, v].T  # (B, K)
+            hidden = weight @ P.T  # sum_j P(i, j) w_j
+            cond = torch.where(vis.unsqueeze(-1), seen, hidden) * weight
+            out[:, n] = cond / cond.sum(-1, keepdim=True)
+        return out
 
 
-def expected_nelbo(denoiser, batch: Batch, prob: Tensor, schedules: ModalitySchedules, steps: int | None = None, n_t: int = 2000) -> Tensor:
+class PairOracle:
+    """The exact denoiser of :class:`PairData` for any schedule (GenMD4's depends on t: time-conditioned)."""
+
+    def __init__(self, pair: PairData, schedules: ModalitySchedules):
+        self.pair, self.schedules, self.spec = pair, schedules, pair.spec
+        self.time_conditioned = schedules.state_dependent
+        self.calls = 0
+
+    def weight(self, t: Tensor, batch: Batch) -> Tensor:
+        """(B, K): 1 - alpha_t[i] of the field's modality, per row."""
+        sched = self.schedules.for_modality(int(batch.modality_ids[0, 0]))
+        vals = torch.arange(self.pair.K).view(1, -1)
+        return sched.mask_prob(t.to(torch.float64).view(-1, 1), vals).to(torch.float64)
+
+    def __call__(self, x_t: Tensor, batch: Batch, t: Tensor) -> Tensor:
+        self.calls += 1
+        return self.pair.conditional(x_t, batch.mask_id, self.weight(t, batch)).log()
+
+
+@torch.no_grad()
+def exact_sample_distribution(pair: PairData, schedules: ModalitySchedules, times: list[float], start: tuple[int | None, int | None] = (None, None),
+                              method: str = "ancestral") -> Tensor:
+    """Exact distribution (K, K) of what a reverse sampler returns for the pair, by dynamic programming.
+
+    States are (a, b) with K standing for 'masked'. ``ancestral``: from t to s each
+    masked position independently becomes i with probability r_i(t, s) mu_i(state, t).
+    ``topk`` (no confidence noise): every masked position draws a value from mu; the
+    round(sum of unmask probabilities) (at least 1) most confident draws are kept.
+    """
+    K = pair.K
+    oracle = PairOracle(pair, schedules)
+    sched = schedules.for_modality(int(pair.all.modality_ids[0, 0]))
+    vals = torch.arange(K).view(1, -1)
+    dist = torch.zeros(K + 1, K + 1, dtype=torch.float64)
+    dist[tuple(K if v is None else v for v in start)] = 1.0
+    for t, s in zip(times[:-1], times[1:]):
+        tt, ss = torch.tensor([[t]], dtype=torch.float64), torch.tensor([[s]], dtype=torch.float64)
+        r = torch.ones(K, dtype=torch.float64) if s <= 0 else (1 - sched.mask_prob(ss, vals) / sched.mask_prob(tt, vals)).view(-1).double()
+        new = torch.zeros_like(dist)
+        for a in range(K + 1):
+            for b in range(K + 1):
+                if dist[a, b] == 0:
+                    continue
+                x = torch.tensor([[a if a < K else pair.spec.mask_id, b if b < K else pair.spec.mask_id]])
+                mu = oracle.pair.conditional(x, pair.spec.mask_id, oracle.weight(torch.tensor([t]), pair.all)[:1])[0]  # (2, K)
+                step = _topk_step(mu, r, (a, b), K) if method == "topk" else _ancestral_step(mu, r, (a, b), K)
+                new += dist[a, b] * step
+        dist = new
+    assert float(dist[K, :].sum() + dist[:, K].sum()) < 1e-12  # everything is unmasked at s = 0
+    return dist[:K, :K]
+
+
+def _position_moves(mu: Tensor, r: Tensor, state: int, K: int) -> Tensor:
+    """(K + 1,) next-value distribution of one position (K = stays masked)."""
+    out = torch.zeros(K + 1, dtype=torch.float64)
+    if state < K:
+        out[state] = 1.0
+    else:
+        out[:K] = r * mu
+        out[K] = 1.0 - out[:K].sum()
+    return out
+
+
+def _ancestral_step(mu: Tensor, r: Tensor, state: tuple[int, int], K: int) -> Tensor:
+    return torch.outer(_position_moves(mu[0], r, state[0], K), _position_moves(mu[1], r, state[1], K))
+
+
+def _topk_step(mu: Tensor, r: Tensor, state: tuple[int, int], K: int) -> Tensor:
+    a, b = state
+    out = torch.zeros(K + 1, K + 1, dtype=torch.float64)
+    if a < K and b < K:
+        out[a, b] = 1.0
+        return out
+    if a < K or b < K:  # one masked position: k >= 1 keeps its draw
+        n = 0 if a == K else 1
+        for i in range(K):
+            out[(i, b) if n == 0 else (a, i)] += mu[n, i]
+        return out
+    k = round(float((r * mu[0]).sum() + (r * mu[1]).sum()))
+    for i in range(K):
+        for j in range(K):
+            p = mu[0, i] * mu[1, j]
+            if k >= 2:
+                out[i, j] += p
+            elif mu[0, i] >= mu[1, j]:  # ties go to the first position (stable ordering)
+                out[i, K] += p
+            else:
+                out[K, j] += p
+    return out
+
+
+def expected_nelbo(denoiser, batch: Batch, prob: Tensor, schedules: ModalitySchedules, steps: int | None = None, n_t: int = 2000,
+                   spec: VocabSpec | None = None) -> Tensor:
     """E_{x0 ~ prob} of the negative ELBO, exactly: every mask pattern is enumerated.
 
     Continuous time is integrated by the midpoint rule after t = t_min + (1 - t_min) u^3
@@ -131,6 +234,7 @@ def expected_nelbo(denoiser, batch: Batch, prob: Tensor, schedules: ModalitySche
     patterns = torch.tensor([[(k >> n) & 1 for n in range(L)] for k in range(2**L)], dtype=torch.bool)
     from maskdiff.elbo import position_nats
 
+    spec = spec if spec is not None else getattr(denoiser, "spec", None)
     total = torch.zeros((), dtype=torch.float64)
     x0 = torch.where(batch.valid, batch.tokens, 0)
     for t, w in zip(times, weights):
@@ -139,6 +243,6 @@ def expected_nelbo(denoiser, batch: Batch, prob: Tensor, schedules: ModalitySche
         for pat in patterns:
             masked = pat.expand(B, L) & batch.valid
             q = torch.where(masked, p_mask, 1 - p_mask).where(batch.valid, 1.0).prod(-1)
-            nats = position_nats(denoiser, batch, schedules, tt, masked, steps).sum(-1)
+            nats = position_nats(denoiser, batch, schedules, tt, masked, steps, spec).sum(-1)
             total = total + w * (prob * q * nats).sum()
     return total

@@ -112,8 +112,8 @@ def test_discrete_time_elbo_approaches_continuous():
     pair = PairData(joint)
     schedules = ModalitySchedules({TEXT: make_schedule("linear")})
     with torch.no_grad():
-        cont = float(expected_nelbo(pair.posterior, pair.all, pair.prob, schedules, n_t=400))
-        disc = {T: float(expected_nelbo(pair.posterior, pair.all, pair.prob, schedules, steps=T)) for T in (10, 100, 1000)}
+        cont = float(expected_nelbo(pair.posterior, pair.all, pair.prob, schedules, n_t=400, spec=pair.spec))
+        disc = {T: float(expected_nelbo(pair.posterior, pair.all, pair.prob, schedules, steps=T, spec=pair.spec)) for T in (10, 100, 1000)}
     print("continuous", cont, "discrete", disc, "NLL", pair.nll())
     assert disc[10] > disc[100] > disc[1000] > cont - 1e-4
     assert disc[1000] - cont < 0.1 * (disc[10] - cont)
@@ -126,7 +126,7 @@ def test_continuous_elbo_upper_bounds_nll_for_a_wrong_denoiser():
     schedules = ModalitySchedules({TEXT: make_schedule("cosine")})
     uniform = lambda x_t, batch, t: torch.full((*x_t.shape, 3), -math.log(3), dtype=torch.float64)  # noqa: E731
     with torch.no_grad():
-        got = float(expected_nelbo(uniform, pair.all, pair.prob, schedules, n_t=200))
+        got = float(expected_nelbo(uniform, pair.all, pair.prob, schedules, n_t=200, spec=pair.spec))
     assert got == pytest.approx(2 * math.log(3), rel=1e-3)  # uniform decoding of both positions
     assert got > pair.nll()
 
@@ -169,3 +169,55 @@ def test_discrete_time_genmd4_converges_to_continuous():
         print("aware" if aware else "p", cont, gaps)
         assert gaps[2] < 0.02 * cont
         assert max(gaps) < 1e-6 or gaps[0] > gaps[1] > gaps[2]
+
+
+def _pair_batch(pair: PairData, n: int, seed: int):
+    """n records drawn from the pair's joint distribution."""
+    idx = torch.multinomial(pair.prob, n, replacement=True, generator=torch.Generator().manual_seed(seed))
+    from dataclasses import replace
+
+    return replace(pair.all, **{k: getattr(pair.all, k)[idx] for k in pair.all.TENSORS})
+
+
+def test_t_step_elbo_monte_carlo_matches_its_exact_expectation():
+    """elbo(steps=T) on its own: times on the T-step grid, GenMD4 with its exact (t-dependent) posterior."""
+    from oracles import PairOracle
+
+    pair = PairData(np.random.default_rng(2).dirichlet(np.ones(9) * 0.5).reshape(3, 3))
+    schedules = ModalitySchedules({TEXT: genmd4(3, [0.4, 1.0, 3.0])})
+    oracle = PairOracle(pair, schedules)
+    T, n = 4, 40_000
+    with torch.no_grad():
+        exact = float(expected_nelbo(oracle, pair.all, pair.prob, schedules, steps=T))
+        res = elbo(oracle, _pair_batch(pair, n, seed=0), schedules, steps=T, generator=torch.Generator().manual_seed(1))
+    mean, se = float(res.nelbo.mean()), float(res.nelbo.std() / math.sqrt(n))
+    print(f"T={T}: Monte Carlo {mean:.4f} ± {se:.4f}, exact {exact:.4f}, NLL {pair.nll():.4f}")
+    assert abs(mean - exact) < 4 * se
+    assert exact > pair.nll() + 4 * se  # a T-step bound is loose: the comparison is not with the NLL
+
+
+def test_t_step_genmd4_gradient_is_finite_at_t_equal_one():
+    """The T-step grid reaches t = 1, where every token is masked and log(1 - p_mask) = -inf in the branch not taken."""
+    pair = PairData(np.random.default_rng(3).dirichlet(np.ones(9)).reshape(3, 3))
+    sched = genmd4(3, [0.5, 1.0, 2.0])
+    schedules = ModalitySchedules({TEXT: sched})
+    batch = _pair_batch(pair, 64, seed=0)
+    res = elbo(pair.posterior, batch, schedules, steps=8, draws=2, t=torch.ones(64), generator=torch.Generator().manual_seed(0), spec=pair.spec)
+    res.loss.backward()
+    assert torch.isfinite(res.loss) and torch.isfinite(sched.w_raw.grad).all()
+    assert sched.w_raw.grad.abs().sum() > 0
+
+
+def test_reconstruction_and_prior_use_the_support_size_from_the_spec():
+    """A value of probability 0 (log mu = -inf) is still one of the K values of its field: K = 3, not 2."""
+    p = [0.7, 0.3, 0.0]
+    data = IndependentData([Support("text/a", "text", 3)], {"a": ("text/a", [p])})
+    from maskdiff.batch import collate
+    from maskdiff.tokens import Field, Record
+
+    batch = collate([Record([Field("a", "text/a", [v])]) for v in range(2)], data.spec)
+    prob = torch.tensor(p[:2], dtype=torch.float64)
+    H = float(-(prob * prob.log()).sum())
+    schedules = ModalitySchedules({TEXT: make_schedule("linear")}, t_min=0.1)
+    got = float(expected_nelbo(PosteriorOracle(data, schedules), batch, prob, schedules, n_t=400))
+    assert got == pytest.approx(H + 0.1 * (math.log(3) - H), rel=1e-3)  # 1 - alpha_{t_min} = 0.1, alpha_1 = 0

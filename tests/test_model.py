@@ -70,3 +70,26 @@ def test_time_conditioning_starts_neutral_and_then_uses_t():
 def test_bad_width():
     with pytest.raises(ValueError, match="heads"):
         Denoiser(SPEC, DenoiserConfig(dim=30, heads=4))
+
+
+def test_a_time_conditioned_denoiser_refuses_to_run_without_t():
+    model = Denoiser(SPEC, DenoiserConfig(dim=32, depth=1, heads=2, time_conditioning=True))
+    batch = collate(records(), SPEC)
+    with pytest.raises(ValueError, match="time-conditioned"):
+        model(batch.tokens, batch, None)
+    with pytest.raises(ValueError, match="time-conditioned"):
+        model.support_logits(batch.tokens, batch, None, batch.valid)
+
+
+def test_support_logits_are_the_dense_output_at_the_asked_positions():
+    torch.manual_seed(0)
+    model = Denoiser(SPEC, CFG).eval()
+    batch = collate(records(), SPEC)
+    where = torch.tensor([[True, False, True, False, False, False, True], [False, True, False, False, False, False, False]])
+    dense = model(batch.tokens, batch, None)[where]  # (4, num_clean)
+    groups = model.support_logits(batch.tokens, batch, None, where)
+    assert sorted(g.support for g in groups) == [0, 1] and sum(len(g.rows) for g in groups) == 4
+    for g in groups:
+        r = SPEC.id_range(SPEC.supports[g.support].name)
+        assert g.logits.shape == (len(g.rows), len(r))
+        torch.testing.assert_close(torch.log_softmax(g.logits, -1), dense[g.rows, r.start : r.stop], rtol=1e-5, atol=1e-5)

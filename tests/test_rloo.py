@@ -36,7 +36,7 @@ def exact_grad(pair, sched, schedules, record, t):
     for pattern in ([0, 0], [0, 1], [1, 0], [1, 1]):
         masked = torch.tensor([pattern], dtype=torch.bool)
         q = torch.where(masked, p_mask, 1 - p_mask).prod()
-        total = total + q * position_nats(pair.posterior, batch, schedules, t, masked).sum()
+        total = total + q * position_nats(pair.posterior, batch, schedules, t, masked, spec=pair.spec).sum()
     total.backward()
     return sched.w_raw.grad.clone()
 
@@ -47,7 +47,7 @@ def mc_grads(pair, sched, schedules, record, t, draws, chunks=40, per_chunk=1000
     grads = []
     for _ in range(chunks):
         sched.zero_grad()
-        res = elbo(pair.posterior, batch, schedules, draws=draws, t=t.expand(per_chunk), generator=gen)
+        res = elbo(pair.posterior, batch, schedules, draws=draws, t=t.expand(per_chunk), generator=gen, spec=pair.spec)
         (res.loss * int(batch.valid.sum()) / per_chunk).backward()  # gradient of the mean negative ELBO
         grads.append(sched.w_raw.grad.clone())
     g = torch.stack(grads)
@@ -69,5 +69,5 @@ def test_rloo_gradient_matches_enumeration(t_value):
 def test_loss_value_is_the_elbo_not_the_surrogate():
     pair, sched, schedules, record, t = setup(0.5)
     batch = collate([record] * 64, pair.spec)
-    res = elbo(pair.posterior, batch, schedules, draws=3, t=t.expand(64), generator=torch.Generator().manual_seed(0))
+    res = elbo(pair.posterior, batch, schedules, draws=3, t=t.expand(64), generator=torch.Generator().manual_seed(0), spec=pair.spec)
     assert float(res.loss.detach()) == pytest.approx(float(res.nelbo.sum() / batch.valid.sum()), rel=1e-6)

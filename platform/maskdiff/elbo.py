@@ -13,7 +13,11 @@ distribution over clean values (eq. 5 for MD4, eq. 8 for GenMD4):
     discrete     T * [ r_{x0} * (-log mu[x0]) + (1 - r_{x0}) * log((1 - r_{x0}) / (1 - sum_i r_i mu_i)) ]
                  r_i = (alpha_s[i] - alpha_t[i]) / (1 - alpha_t[i]), s = t - (1 - t_min) / T
 
-The terms after the first vanish for an MD4 (value-free) schedule. Time is
+The terms after the first vanish for an MD4 (value-free) schedule. The one
+state-dependent schedule is GenMD4's polynomial, for which c_i = w_i / t and
+1 - r_i = (s / t)^{w_i}, so both sums are expectations of a function of w
+under mu, computed over the position's own support (``kernels.support_ce``).
+K is the size of the position's support, from the vocabulary spec. Time is
 drawn once per example, stratified across the batch (antithetic). The GenMD4
 gradient with respect to w also flows through the draw of x_t; it is
 estimated with REINFORCE leave-one-out over ``draws >= 2`` masks per example.
@@ -23,20 +27,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 from torch import Tensor
 
+from . import kernels
 from .batch import Batch
-from .schedules import ModalitySchedules
-from .tokens import MODALITIES
-
-
-class Denoiser(Protocol):
-    def __call__(self, x_t: Tensor, batch: Batch, t: Tensor) -> Tensor:
-        """Log-probabilities (B, L, num_clean) over clean values; -inf outside each field's support."""
-        ...
+from .outputs import AnyDenoiser, SupportGroup, spec_of, support_logits, support_sizes
+from .schedules import ModalitySchedules, Schedule
+from .tokens import MODALITIES, VocabSpec
 
 
 @dataclass
@@ -67,59 +66,99 @@ def antithetic_times(batch_size: int, t_min: float, generator: torch.Generator |
 
 
 def position_nats(
-    denoiser: Denoiser,
+    denoiser: AnyDenoiser,
     batch: Batch,
     schedules: ModalitySchedules,
     t: Tensor,
     masked: Tensor,
     steps: int | None = None,
+    spec: VocabSpec | None = None,
+    impl: str = "auto",
 ) -> Tensor:
     """Negative ELBO per position (B, L) for given times t (B,) and mask pattern.
 
     Deterministic in (t, masked): Monte Carlo estimators average it over
     draws; tests can average it exactly by enumerating mask patterns.
     ``steps=None`` is the continuous-time ELBO, an integer T the T-step one.
+    The denoiser is evaluated at the masked positions only, over their supports.
     """
+    spec = spec_of(denoiser, spec)
     valid, mods = batch.valid, batch.modality_ids
     masked = masked & valid
     x0 = torch.where(valid, batch.tokens, 0)
     x_t = torch.where(masked, batch.mask_id, batch.tokens)
-    logp = denoiser(x_t, batch, t)
-    log_k = torch.log((logp > -math.inf).sum(-1).clamp(min=1).to(logp.dtype))
-    ce = -logp.gather(-1, x0.unsqueeze(-1)).squeeze(-1)
-    ce = torch.where(masked, ce, 0.0)  # unmasked positions may hold -inf entries: keep them out
+    groups = support_logits(denoiser, x_t, batch, t, masked, spec)
+    dtype = torch.promote_types(t.dtype, torch.float32)
+    for g in groups:
+        dtype = torch.promote_types(dtype, g.logits.dtype)
+    t = t.to(dtype)
     t_min = schedules.t_min
-    t = t.to(logp.dtype)
+    s = (t - (1.0 - t_min) / steps).clamp(min=t_min) if steps is not None else None
 
     def at(fn: str, tt: Tensor) -> Tensor:
         return schedules.per_position(fn, tt, x0, mods)
 
+    ce, extra = _masked_terms(groups, spec, schedules, x0[masked], t.view(-1, 1).expand_as(x0)[masked],
+                              None if s is None else s.view(-1, 1).expand_as(x0)[masked], steps, dtype, impl)
     if steps is None:
-        diff = (1.0 - t_min) * at("rate", t) * ce
-    else:
-        s = (t - (1.0 - t_min) / steps).clamp(min=t_min)
-        r = 1.0 - at("mask_prob", s) / at("mask_prob", t)  # (alpha_s - alpha_t) / (1 - alpha_t)
-        diff = steps * r * ce
-    vocab = torch.arange(logp.shape[-1], device=logp.device)
-    for mid, sched in schedules.items():
-        if not sched.state_dependent:
-            continue
-        sel = masked & (mods == mid)
-        if not sel.any():
-            continue
-        mu = logp.exp()
-        if steps is None:  # sum_i c_i (mu_i - x0_i)
-            c = sched.rate(t.view(-1, 1), vocab.view(1, -1))  # (B, V)
-            extra = (1.0 - t_min) * (torch.einsum("blv,bv->bl", mu, c) - at("rate", t))
-        else:  # (1 - r_x0) log((1 - r_x0) / (1 - sum_i r_i mu_i))
-            r_all = 1.0 - sched.mask_prob(s.view(-1, 1), vocab.view(1, -1)) / sched.mask_prob(t.view(-1, 1), vocab.view(1, -1))
-            stay_model = 1.0 - torch.einsum("blv,bv->bl", mu, r_all)
-            extra = steps * (1.0 - r) * (torch.log1p(-r) - torch.log(stay_model))
-        diff = torch.where(sel, diff + extra, diff)
-    diff = torch.where(masked, diff, 0.0)
+        weight = (1.0 - t_min) * at("rate", t)
+    else:  # r = (alpha_s - alpha_t) / (1 - alpha_t) = 1 - exp(log(1 - alpha_s) - log(1 - alpha_t))
+        weight = -steps * torch.expm1(at("log_mask_prob", s) - at("log_mask_prob", t))
+    diff_masked = weight[masked] * ce + extra
+    diff = torch.zeros(x0.numel(), dtype=dtype, device=x0.device).index_copy(0, masked.reshape(-1).nonzero().squeeze(-1), diff_masked)
+    log_k = torch.log(support_sizes(spec, x0.device)[batch.support_ids].to(dtype))
     recon = at("mask_prob", torch.full_like(t, t_min)) * log_k
     prior = at("alpha", torch.ones_like(t)) * log_k
-    return torch.where(valid, diff + recon + prior, 0.0)
+    return torch.where(valid, diff.view(x0.shape) + recon + prior, 0.0)
+
+
+def _masked_terms(
+    groups: list[SupportGroup],
+    spec: VocabSpec,
+    schedules: ModalitySchedules,
+    x0: Tensor,
+    t: Tensor,
+    s: Tensor | None,
+    steps: int | None,
+    dtype: torch.dtype,
+    impl: str,
+) -> tuple[Tensor, Tensor]:
+    """Per masked position (M,): -log mu[x0], and GenMD4's extra term (0 for MD4 schedules).
+
+    continuous: (1 - t_min) sum_i c_i (mu_i - x0_i)       = (1 - t_min) (E_mu[w] - w_x0) / t
+    T-step:     T (1 - r_x0) log((1 - r_x0) / (1 - sum_i r_i mu_i)),  1 - sum_i r_i mu_i = E_mu[(s/t)^w]
+    """
+    M = x0.shape[0]
+    ce = torch.zeros(M, dtype=dtype, device=x0.device)
+    extra = torch.zeros(M, dtype=dtype, device=x0.device)
+    for g in groups:
+        target = x0[g.rows] - g.start
+        sched = schedules.for_modality(spec.modality_id(spec.supports[g.support].modality))
+        if sched is None or not sched.state_dependent:
+            ce_g, _ = kernels.support_ce(g.logits, target, impl=impl)
+            ce = ce.index_copy(0, g.rows, ce_g.to(dtype))
+            continue
+        w = _support_w(sched, g)
+        tg = t[g.rows]
+        if steps is None:
+            ce_g, mean_w = kernels.support_ce(g.logits, target, w, impl=impl)
+            extra_g = (1.0 - schedules.t_min) * (mean_w.to(dtype) - w[target].to(dtype)) / tg
+        else:
+            log_ratio = torch.log(s[g.rows] / tg)  # log(s / t)
+            ce_g, stay_model = kernels.support_ce(g.logits, target, w, log_ratio, impl=impl)
+            log_stay = w[target].to(dtype) * log_ratio  # log(1 - r_x0) = w_x0 log(s / t)
+            extra_g = steps * torch.exp(log_stay) * (log_stay - torch.log(stay_model.to(dtype)))
+        ce = ce.index_copy(0, g.rows, ce_g.to(dtype))
+        extra = extra.index_copy(0, g.rows, extra_g.to(dtype))
+    return ce, extra
+
+
+def _support_w(sched: Schedule, g: SupportGroup) -> Tensor:
+    """GenMD4's w over the values of one support (the only state-dependent schedule)."""
+    w = getattr(sched, "w", None)
+    if w is None:
+        raise TypeError(f"state-dependent schedule {type(sched).__name__} has no per-value w")
+    return w[g.start : g.start + g.size]
 
 
 def draw_mask(batch: Batch, schedules: ModalitySchedules, t: Tensor, generator=None) -> tuple[Tensor, Tensor]:
@@ -131,12 +170,13 @@ def draw_mask(batch: Batch, schedules: ModalitySchedules, t: Tensor, generator=N
     p_mask = schedules.per_position("mask_prob", t, x0, batch.modality_ids)
     u = torch.rand(batch.shape, generator=generator, device=batch.tokens.device, dtype=p_mask.dtype)
     masked = batch.valid & (u < p_mask)
-    log_q = torch.where(masked, torch.log(p_mask), torch.log1p(-p_mask))
+    # each branch sees a safe input: the branch not taken must not send NaN into w's gradient (p_mask = 1 at t = 1)
+    log_q = torch.where(masked, torch.log(torch.where(masked, p_mask, 1.0)), torch.log1p(-torch.where(masked, 0.0, p_mask)))
     return masked, torch.where(batch.valid, log_q, 0.0).sum(-1)
 
 
 def elbo(
-    denoiser: Denoiser,
+    denoiser: AnyDenoiser,
     batch: Batch,
     schedules: ModalitySchedules,
     *,
@@ -144,6 +184,8 @@ def elbo(
     draws: int = 1,
     t: Tensor | None = None,
     generator: torch.Generator | None = None,
+    spec: VocabSpec | None = None,
+    impl: str = "auto",
 ) -> ELBOResult:
     """Monte Carlo negative ELBO of a batch, with the RLOO surrogate for GenMD4's w.
 
@@ -151,6 +193,8 @@ def elbo(
     gradient adds sum_k (l_k - mean_{j != k} l_j) grad log q(x_t^k) / K, the
     leave-one-out REINFORCE term for the dependence of the mask draw on w.
     Its value is left unchanged, so ``loss`` is always the ELBO estimate.
+    ``spec`` (default ``denoiser.spec``) gives each field's support; ``impl``
+    picks the cross-entropy kernel (see :mod:`maskdiff.kernels`).
     """
     schedules.check_covers(batch.modality_ids, batch.valid)
     B = batch.shape[0]
@@ -162,7 +206,7 @@ def elbo(
     rep = batch.repeat(draws) if draws > 1 else batch
     t_rep = t.repeat(draws)
     masked, log_q = draw_mask(rep, schedules, t_rep, generator)
-    nats = position_nats(denoiser, rep, schedules, t_rep, masked, steps)
+    nats = position_nats(denoiser, rep, schedules, t_rep, masked, steps, spec, impl)
     per_draw = nats.sum(-1).view(draws, B)
     nelbo = per_draw.mean(0)
     tokens = batch.valid.sum().clamp(min=1)

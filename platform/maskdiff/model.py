@@ -6,6 +6,9 @@ SwiGLU MLPs. With ``time_conditioning`` (needed by GenMD4, whose optimal
 denoiser depends on t) each block is modulated by adaLN from an embedding of t.
 The output at each position is a log-distribution over the clean values valid
 for that position's field only (mean parameterisation: never the mask).
+``forward`` gives it densely at every position (B, L, num_clean);
+``support_logits`` gives it only at the positions asked for, over each
+position's own support (the ELBO and the sampler use this one).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .batch import Batch
+from .outputs import SupportGroup, group_by_support
 from .tokens import MODALITIES, VocabSpec
 
 
@@ -141,6 +145,7 @@ class Denoiser(nn.Module):
             r = spec.id_range(s.name)
             allowed[i, r.start : r.stop] = 0.0
         self.register_buffer("support_mask", allowed, persistent=False)
+        self._rope_cache: dict[tuple, tuple[Tensor, Tensor]] = {}
         self.apply(self._init)
         for block in self.blocks:
             block.reset_ada()
@@ -156,16 +161,40 @@ class Denoiser(nn.Module):
     def time_conditioned(self) -> bool:
         return self.time_emb is not None
 
-    def forward(self, x_t: Tensor, batch: Batch, t: Tensor | None = None) -> Tensor:
+    def _rope(self, length: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        key = (length, device, dtype, torch.is_inference_mode_enabled())  # inference tensors cannot enter autograd
+        if key not in self._rope_cache:
+            self._rope_cache[key] = rope_tables(length, self.cfg.dim // self.cfg.heads, self.cfg.rope_base, device, dtype)
+        return self._rope_cache[key]
+
+    def hidden(self, x_t: Tensor, batch: Batch, t: Tensor | None = None) -> Tensor:
+        """Final normalised hidden states (B, L, dim), before the output layer."""
+        if self.time_emb is not None and t is None:
+            raise ValueError("this denoiser is time-conditioned: call it with the times t")
         B, L = x_t.shape
         h = self.token_emb(x_t) + self.field_emb(batch.support_ids) + self.modality_emb(batch.modality_ids)
-        cos, sin = rope_tables(L, self.cfg.dim // self.cfg.heads, self.cfg.rope_base, x_t.device, h.dtype)
-        attn_mask = ~batch.pad.view(B, 1, 1, L)  # True = attend; padding keys are ignored
-        temb = self.time_emb(t) if self.time_emb is not None and t is not None else None
+        cos, sin = self._rope(L, x_t.device, h.dtype)
+        # True = attend; padding keys are ignored. Without padding, no mask keeps the fast attention path.
+        attn_mask = ~batch.pad.view(B, 1, 1, L) if bool(batch.pad.any()) else None
+        temb = self.time_emb(t) if self.time_emb is not None else None
         for block in self.blocks:
             h = block(h, cos, sin, attn_mask, temb)
-        logits = self.head(self.norm(h)).float() + self.support_mask[batch.support_ids]
+        return self.norm(h)
+
+    def forward(self, x_t: Tensor, batch: Batch, t: Tensor | None = None) -> Tensor:
+        """Dense log-probabilities (B, L, num_clean), -inf outside each position's support."""
+        logits = self.head(self.hidden(x_t, batch, t)).float() + self.support_mask[batch.support_ids]
         return torch.log_softmax(logits, dim=-1)
+
+    def support_logits(self, x_t: Tensor, batch: Batch, t: Tensor | None, where: Tensor) -> list[SupportGroup]:
+        """Float32 logits at the positions ``where`` only, each over its own support's slice of the output layer."""
+        h = self.hidden(x_t, batch, t)[where]
+        groups = []
+        for sid, rows in group_by_support(batch.support_ids[where]):
+            start, size = self.spec.offsets[sid], self.spec.supports[sid].size
+            weight = self.head.weight[start : start + size]
+            groups.append(SupportGroup(sid, start, rows, F.linear(h[rows], weight).float()))
+        return groups
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
