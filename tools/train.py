@@ -25,6 +25,7 @@ plots/, summary.json); an existing run directory is only replaced with
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -47,10 +48,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    from maskdiff.adapters import InputError
+    from maskdiff.cli import user_errors
     from maskdiff.config import ConfigError, load_config
-    from maskdiff.trainer import CONFIG, train
+    from maskdiff.config import to_run_config
+    from maskdiff.trainer import CONFIG, run_dir_of, train
 
+    signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's or launcher's stop: same as Ctrl-C
+    run_dir = args.resume
     try:
         if args.resume:
             cfg = load_config(Path(args.resume) / CONFIG, args.overrides)
@@ -58,16 +62,22 @@ def main(argv: list[str] | None = None) -> int:
                 cfg.run_dir = args.resume
         else:
             cfg = load_config(args.config, args.overrides)
+        run_dir = str(run_dir_of(to_run_config(cfg)))
         if args.until is not None and args.until < 1:
             raise ConfigError(f"--until {args.until}: must be >= 1")
         train(cfg, resume=bool(args.resume), overwrite=args.overwrite, until=args.until, progress=args.progress)
-    except (ConfigError, InputError) as e:
+    except user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        hint = f"; continue from the latest checkpoint with --resume {run_dir}" if run_dir else ""
+        print(f"interrupted{hint}", file=sys.stderr)
         return 130
     return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -13,10 +13,22 @@ see :mod:`maskdiff.bundle`), ``summary.json`` and ``plots/``.
 
 A resumed run restores model, optimizer, LR schedule, RNG states and the data
 position (the stream is replayed to it), so it continues the same trajectory.
+Checkpoints are sealed with checksums and loaded without arbitrary unpickling
+(see :mod:`maskdiff.checkpoints`); a damaged newest one falls back to the
+previous complete one.
+
+Guards: one process at a time writes a run directory (an exclusive lock on
+``.lock``, which holds the writer's PID); a start that fails leaves no run
+directory behind; a step whose loss or gradients are not finite is skipped and
+counted (``skipped_steps`` in the metrics), and :data:`MAX_SKIPPED_IN_A_ROW`
+such steps in a row stop the run, as do non-finite weights, before anything
+is saved or exported.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import logging
 import math
@@ -35,14 +47,20 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from .batch import Batch, drop_fields
+from .checkpoints import CheckpointError, Choice, choose, safe_load, seal, step_of, tag_for, use_safe_loader, write_latest
 from .config import ConfigError, RunConfig, save_config, to_run_config
 from .joint import JointModel
 from .loader import batches, ensure_shards, heldout_batches, is_heldout, open_sources, train_dataset
 from .shards import ShardSet, field_lengths
 from .tokens import MODALITIES, VocabSpec
 
-CHECKPOINTS, METRICS, CONFIG, SUMMARY = "checkpoints", "metrics.jsonl", "config.yaml", "summary.json"
+CHECKPOINTS, METRICS, CONFIG, SUMMARY, LOCK = "checkpoints", "metrics.jsonl", "config.yaml", "summary.json", ".lock"
 LN2 = math.log(2)
+MAX_SKIPPED_IN_A_ROW = 10  # non-finite steps in a row that stop a run
+
+
+class DivergedError(ConfigError):
+    """Training produced non-finite values it cannot recover from (too high a learning rate, bad data)."""
 
 
 # --- process group -------------------------------------------------------------------------
@@ -102,6 +120,29 @@ def lr_lambda(rc: RunConfig) -> Callable[[int], float]:
     return f
 
 
+def _finite(tensors: Iterator[torch.Tensor]) -> bool:
+    flags = [torch.isfinite(t).all() for t in tensors]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
+class GuardedAdamW(torch.optim.AdamW):
+    """AdamW that skips an update whose gradients are not finite, or that the trainer marked (``skip_next``).
+
+    Under ZeRO it sees this process's partition only; DeepSpeed's own overflow
+    check skips the whole step there when the global gradient norm is not finite.
+    """
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.skip_next, self.skipped = False, 0
+
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        if self.skip_next or not _finite(p.grad for g in self.param_groups for p in g["params"] if p.grad is not None):
+            self.skipped += 1
+            return None
+        return super().step(closure)
+
+
 def make_optimizer(model: JointModel, rc: RunConfig) -> torch.optim.Optimizer:
     """AdamW; weight decay on matrices only; GenMD4's w with its own rate and no decay."""
     o = rc.optim
@@ -113,13 +154,13 @@ def make_optimizer(model: JointModel, rc: RunConfig) -> torch.optim.Optimizer:
     ]
     if sched:
         groups.append({"params": model.schedule_parameters(), "weight_decay": 0.0, "lr": o.schedule_lr or o.lr})
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+    return GuardedAdamW([g for g in groups if g["params"]], lr=o.lr, betas=tuple(o.betas), eps=o.eps)
 
 
 def deepspeed_config(rc: RunConfig) -> dict[str, Any]:
     ds = rc.deepspeed
     cfg: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": rc.data.batch_size,
+        "train_micro_batch_size_per_gpu": rc.data.batch_size or 1,  # bookkeeping only: batches are cut by the loader
         "gradient_accumulation_steps": ds.grad_accum,
         "gradient_clipping": ds.grad_clip,
         "zero_optimization": {"stage": ds.zero_stage},
@@ -195,13 +236,23 @@ class MetricsLog:
     def __init__(self, path: Path, enabled: bool, resume_step: int | None):
         self.path, self.enabled = path, enabled
         if enabled and resume_step is not None and path.exists():
-            kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            kept = [line for line in path.read_text().splitlines() if line.strip() and _metric_step(path, line) <= resume_step]
             path.write_text("".join(line + "\n" for line in kept))
 
     def write(self, record: dict[str, Any]) -> None:
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+
+
+def _metric_step(path: Path, line: str) -> int:
+    try:
+        step = json.loads(line).get("step", 0)
+        if isinstance(step, int):
+            return step
+    except (ValueError, AttributeError):
+        pass
+    raise ConfigError(f"{path}: a line is not a metrics record ({line[:60]!r}); repair or remove it to resume")
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
@@ -223,42 +274,108 @@ class RunResult:
     bundle: Path | None
 
 
-def prepare_run_dir(rc: RunConfig, resume: bool, overwrite: bool) -> Path:
-    """The run directory; refuses to reuse a non-empty one unless resuming or overwriting."""
-    run_dir = Path(rc.run_dir or Path("runs") / rc.name)
-    if resume:
-        if not (run_dir / CHECKPOINTS / "latest").is_file():
-            raise ConfigError(f"--resume {run_dir}: no checkpoint to resume from ({run_dir / CHECKPOINTS / 'latest'} is missing)")
-        return run_dir
-    if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
-        raise ConfigError(f"run directory {run_dir} already exists; pass --overwrite to replace it, or --resume {run_dir}")
-    return run_dir
+class RunLock:
+    """An exclusive ``flock`` on ``RUN/.lock`` (which holds the writer's PID) while a process writes the run."""
+
+    def __init__(self, run_dir: Path):
+        self.path, self.fd = run_dir / LOCK, -1
+
+    @staticmethod
+    def holder(run_dir: Path) -> str | None:
+        """The PID of the process holding the run's lock, or None when nobody does (changes nothing)."""
+        try:
+            fd = os.open(run_dir / LOCK, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return None
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            return os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        finally:
+            os.close(fd)
+
+    def acquire(self) -> RunLock:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise ConfigError(in_use(self.path.parent, pid)) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)  # closing drops the flock
+            self.fd = -1
+
+
+def in_use(run_dir: Path, pid: str) -> str:
+    return f"run directory {run_dir} is in use by process {pid} (another training run); wait for it to end or choose another run_dir"
+
+
+def _contents(run_dir: Path) -> list[Path]:
+    """What a run directory holds besides its lock file."""
+    return [p for p in run_dir.iterdir() if p.name != LOCK] if run_dir.is_dir() else []
+
+
+def _clear(run_dir: Path) -> None:
+    for p in _contents(run_dir):
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+
+
+def _os_error(run_dir: Path, e: OSError) -> ConfigError:
+    return ConfigError(f"run directory {e.filename or run_dir}: {e.strerror or e}")
+
+
+def run_dir_of(rc: RunConfig) -> Path:
+    return Path(rc.run_dir or Path("runs") / rc.name)
+
+
+def check_resume(run_dir: Path, choice: Choice, steps: int, until: int | None) -> None:
+    """Refuse a resume that would relabel, shorten or redo a run (changes nothing)."""
+    where = f"--resume {run_dir}"
+    if choice.step > steps:
+        raise ConfigError(f"{where}: train.steps={steps} is below the checkpoint's step {choice.step}; "
+                          f"the weights would be labelled with a step they are not at (use --until to stop earlier in a longer run)")
+    if choice.step == steps and (run_dir / "bundle" / "bundle.json").is_file():
+        raise ConfigError(f"{where}: the run already finished at step {steps} (its bundle is {run_dir / 'bundle'}); "
+                          f"nothing to do; pass train.steps=N above {steps} to train further")
+    if until is not None and until <= choice.step:
+        raise ConfigError(f"--until {until}: the checkpoint {choice.tag} of {run_dir} is already at step {choice.step}")
 
 
 class Trainer:
     """One training run from a resolved configuration (see the module docstring)."""
 
     def __init__(self, cfg: DictConfig, *, resume: bool = False, overwrite: bool = False, progress: bool | None = None,
-                 log: Callable[[str], None] | None = None):
+                 log: Callable[[str], None] | None = None, until: int | None = None):
         self.cfg, self.rc = cfg, to_run_config(cfg)
         self.rank, self.world = init_distributed()
         self.is_main = self.rank == 0
         self._log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self.device = device_for(int(os.environ.get("LOCAL_RANK", 0)))
-        self.resume = resume
-        self.run_dir = self._collective(lambda: prepare_run_dir(self.rc, resume, overwrite))
-        if self.is_main and not resume:
-            if self.run_dir.exists():
-                shutil.rmtree(self.run_dir)
-            self.run_dir.mkdir(parents=True)
-            cfg = OmegaConf.merge(cfg, {"run_dir": str(self.run_dir)})
-            save_config(cfg, self.run_dir / CONFIG)
-        self.cfg = cfg
-        self._collective(lambda: ensure_shards(self.rc, self.log) if self.is_main else None)
-        d = self.rc.data
-        self.sets, self.spec = self._collective(
-            lambda: open_sources(self.rc, self.rank, self.world, shuffle_buffer=d.shuffle_buffer, seed=self.rc.seed, repeat=True))
-        self._check_same_spec(self.spec)
+        self.resume, self.run_dir = resume, run_dir_of(self.rc)
+        self.lock, self.created, self.started = RunLock(self.run_dir), False, False
+        self.skipped_total = 0
+        self.choice: Choice | None = self._on_main(lambda: self._claim(resume, overwrite, until))
+        try:
+            self._collective(lambda: ensure_shards(self.rc, self.log) if self.is_main else None)
+            d = self.rc.data
+            self.sets, self.spec = self._collective(
+                lambda: open_sources(self.rc, self.rank, self.world, shuffle_buffer=d.shuffle_buffer, seed=self.rc.seed, repeat=True))
+            self._check_same_spec(self.spec)
+            if not resume:
+                self._on_main(self._start_fresh)
+        except BaseException:
+            self.abandon()
+            raise
         if progress is None:
             progress = sys.stderr.isatty() and not os.environ.get("CI")
         self.progress = progress and self.is_main
@@ -282,6 +399,60 @@ class Trainer:
             raise ConfigError(first)
         return out
 
+    def _on_main(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on rank 0 only and hand its result to every rank (its user error stops all of them)."""
+        out = [self._collective(lambda: fn() if self.is_main else None)]
+        if self.world > 1:
+            dist.broadcast_object_list(out, src=0)
+        return out[0]
+
+    # --- the run directory ---------------------------------------------------------------------
+    def _claim(self, resume: bool, overwrite: bool, until: int | None) -> Choice | None:
+        """Lock the run directory and check it may be written (rank 0); changes nothing it refuses."""
+        run_dir = self.run_dir
+        try:
+            if resume:
+                if not run_dir.is_dir():
+                    raise ConfigError(f"--resume {run_dir}: no such run directory")
+                self.lock.acquire()
+                try:
+                    choice = choose(self.ckpt_dir)
+                except CheckpointError as e:
+                    raise ConfigError(f"--resume {run_dir}: {e}") from None
+                check_resume(run_dir, choice, self.rc.train.steps, until)
+                return choice
+            if run_dir.exists() and not run_dir.is_dir():
+                raise ConfigError(f"run directory {run_dir}: exists and is not a directory")
+            pid = RunLock.holder(run_dir)
+            if pid is not None:
+                raise ConfigError(in_use(run_dir, pid))
+            if _contents(run_dir) and not overwrite:
+                raise ConfigError(f"run directory {run_dir} already exists; pass --overwrite to replace it, or --resume {run_dir}")
+            self.created = not run_dir.exists()
+            run_dir.mkdir(parents=True, exist_ok=True)
+            self.lock.acquire()
+            return None
+        except OSError as e:
+            raise _os_error(run_dir, e) from None
+        except ConfigError:
+            self.abandon()
+            raise
+
+    def _start_fresh(self) -> None:
+        """Replace what an overwritten run left and write the resolved config (after the data opened fine)."""
+        try:
+            _clear(self.run_dir)
+            self.cfg = OmegaConf.merge(self.cfg, {"run_dir": str(self.run_dir)})  # type: ignore[assignment]
+            save_config(self.cfg, self.run_dir / CONFIG)
+        except OSError as e:
+            raise _os_error(self.run_dir, e) from None
+
+    def abandon(self) -> None:
+        """After a failure: remove a run directory this start created and never trained in; release the lock."""
+        if self.is_main and self.created and not self.started and self.lock.fd >= 0:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+        self.lock.release()
+
     def _check_same_spec(self, spec: VocabSpec) -> None:
         prints = [spec.fingerprint()] * self.world
         if self.world > 1:
@@ -295,10 +466,11 @@ class Trainer:
 
         torch.manual_seed(self.rc.seed)
         self.model = JointModel(self.spec, self.rc)
-        optimizer = make_optimizer(self.model, self.rc)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(self.rc))
-        self.engine, _, _, self.scheduler = deepspeed.initialize(model=self.model, optimizer=optimizer, lr_scheduler=scheduler,
+        self.optimizer = make_optimizer(self.model, self.rc)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(self.rc))
+        self.engine, _, _, self.scheduler = deepspeed.initialize(model=self.model, optimizer=self.optimizer, lr_scheduler=scheduler,
                                                                  config=deepspeed_config(self.rc))
+        use_safe_loader(self.engine)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(self.rc.seed * 1_000_003 + self.rank)
         self.condition_ids = self._condition_ids()
@@ -309,35 +481,60 @@ class Trainer:
         return self.run_dir / CHECKPOINTS
 
     def save_checkpoint(self, step: int) -> None:
-        tag = f"step{step:08d}"
+        """Every rank writes its files into a fresh tag; then rank 0 seals it and points ``latest`` at it."""
+        if not _finite(p.detach() for p in self.engine.module.parameters()):
+            raise DivergedError(f"step {step}: the weights are no longer finite; stopping without saving (lower optim.lr?); "
+                                f"the last good checkpoint stays in {self.ckpt_dir}")
+        tag = tag_for(step)
+        if self.is_main:
+            shutil.rmtree(self.ckpt_dir / tag, ignore_errors=True)  # e.g. a damaged one passed over on resume
+        dist.barrier()
         (self.ckpt_dir / tag).mkdir(parents=True, exist_ok=True)
         state = {"step": step, "micro_batches": step * self.rc.deepspeed.grad_accum, "torch_rng": torch.get_rng_state(),
-                 "generator": self.generator.get_state(), "world_size": self.world}
+                 "generator": self.generator.get_state(), "world_size": self.world, "skipped_total": self.skipped_total}
         if self.device.type == "cuda":
             state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         torch.save(state, self.ckpt_dir / tag / f"rank{self.rank}.pt")
-        self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state={"step": step})
+        self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False)
+        dist.barrier()
         if self.is_main:
+            seal(self.ckpt_dir / tag, step)
+            write_latest(self.ckpt_dir, tag)
             tags = sorted(p.name for p in self.ckpt_dir.glob("step*") if p.is_dir())
             for old in tags[: -self.rc.train.keep_checkpoints]:
                 shutil.rmtree(self.ckpt_dir / old, ignore_errors=True)
         dist.barrier()
 
     def load_checkpoint(self) -> int:
-        tag = (self.ckpt_dir / "latest").read_text().strip()
-        path, _ = self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag)
+        """Load the chosen checkpoint (verified on rank 0); a file that is not plain state is refused unexecuted."""
+        choice = self.choice
+        assert choice is not None
+        for note in choice.notes:
+            self.log(f"warning: {note}; passing over it")
+        if choice.notes:
+            self.log(f"resuming from the previous complete checkpoint {choice.tag}")
+            if self.is_main:
+                for p in self.ckpt_dir.iterdir():  # the damaged newer tags: their steps are replayed
+                    if p.is_dir() and (step_of(p.name) or 0) > choice.step:
+                        shutil.rmtree(p, ignore_errors=True)
+        where = f"--resume {self.run_dir}"
+        try:
+            path, _ = self.engine.load_checkpoint(str(self.ckpt_dir), tag=choice.tag)
+            state_file = self.ckpt_dir / choice.tag / f"rank{self.rank}.pt"
+            if not state_file.is_file():
+                raise ConfigError(f"{where}: {state_file} is missing (was the run saved with another number of processes?)")
+            state = safe_load(state_file)
+        except CheckpointError as e:
+            raise ConfigError(f"{where}: {e}") from None
         if path is None:
-            raise ConfigError(f"--resume {self.run_dir}: checkpoint {tag} could not be loaded")
-        state_file = self.ckpt_dir / tag / f"rank{self.rank}.pt"
-        if not state_file.is_file():
-            raise ConfigError(f"--resume {self.run_dir}: {state_file} is missing (was the run saved with another number of processes?)")
-        state = torch.load(state_file, weights_only=True)
+            raise ConfigError(f"{where}: checkpoint {choice.tag} could not be loaded")
         if state["world_size"] != self.world:
-            raise ConfigError(f"--resume {self.run_dir}: saved with {state['world_size']} processes, resumed with {self.world}; the data position would not match")
+            raise ConfigError(f"{where}: saved with {state['world_size']} processes, resumed with {self.world}; the data position would not match")
         torch.set_rng_state(state["torch_rng"])
         self.generator.set_state(state["generator"])
         if "cuda_rng" in state and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+        self.skipped_total = int(state.get("skipped_total", 0))
         return int(state["step"])
 
     # --- steps ------------------------------------------------------------------------------
@@ -353,13 +550,32 @@ class Trainer:
                 raise ConfigError(f"train.condition_fields: no field support {name!r} in the data; known: {', '.join(sorted(known))}")
         return [self.spec.support_id(name) for name in self.rc.train.condition_fields]
 
-    def _train_step(self, it: Iterator[Batch], tally: Tally) -> None:
+    def _train_step(self, it: Iterator[Batch], tally: Tally) -> bool:
+        """One optimizer step; False when it was skipped for a non-finite loss or gradient (on any rank)."""
+        before = (self.optimizer.skipped, self.engine.skipped_steps)
         for _ in range(self.rc.deepspeed.grad_accum):
             batch = drop_fields(next(it).to(self.device), self.condition_ids, self.rc.train.condition_dropout, self.generator)
             result = self.engine(batch, generator=self.generator)
+            finite = bool(torch.isfinite(result.loss.detach()))
+            self.optimizer.skip_next |= not finite
             self.engine.backward(result.loss)
             self.engine.step()
-            tally.add(result.per_modality(), batch.tokens.numel())
+            if finite:
+                tally.add(result.per_modality(), batch.tokens.numel())
+        self.optimizer.skip_next = False
+        skipped = float((self.optimizer.skipped, self.engine.skipped_steps) != before)
+        return _max_over_ranks(skipped, self.device) == 0.0
+
+    def _guard(self, step: int, applied: bool, in_a_row: int) -> int:
+        """Count skipped steps; too many in a row stop the run."""
+        if applied:
+            return 0
+        self.skipped_total += 1
+        in_a_row += 1
+        if in_a_row >= MAX_SKIPPED_IN_A_ROW:
+            raise DivergedError(f"step {step}: the loss or the gradients were not finite for {in_a_row} steps in a row; stopping "
+                                f"(optim.lr={self.rc.optim.lr:g} may be too high; the last good checkpoint stays in {self.ckpt_dir})")
+        return in_a_row
 
     @torch.no_grad()
     def evaluate(self, heldout: dict[str, list[Batch]]) -> Tally:
@@ -402,10 +618,13 @@ class Trainer:
             self._eval_record(heldout, 0, stop, metrics, bar)
         tally, window_time, train_time = Tally(), 0.0, 0.0
         last = {"train": {}, "eval": {}, "tps": 0.0, "mem": 0.0}
-        total_tokens = 0
+        total_tokens, skipped, in_a_row = 0, 0, 0
+        self.started = True
         for step in range(start + 1, stop + 1):
             t0 = time.perf_counter()
-            self._train_step(it, tally)
+            applied = self._train_step(it, tally)
+            in_a_row = self._guard(step, applied, in_a_row)
+            skipped += not applied
             window_time += time.perf_counter() - t0
             if bar is not None:
                 bar.update(1)
@@ -415,13 +634,14 @@ class Trainer:
                 red = tally.reduced(self.device)
                 total_tokens += red.total_tokens
                 mem = _max_over_ranks(peak_memory_mb(self.device), self.device)
-                record = {"kind": "train", "step": step, "lr": self.scheduler.get_last_lr()[0], "loss": red.nats_per_token(),
+                record = {"kind": "train", "step": step, "lr": self.scheduler.get_last_lr()[0], "loss": red.nats_per_token() if red.total_tokens else None,
                           "bits_per_token": red.bits_per_token(), "tokens": red.token_counts(), "tokens_per_s": red.total_tokens / elapsed,
-                          "padding": 1.0 - red.total_tokens / max(1, red.positions), "peak_mem_mb": mem, "w": self.model.w_stats()}
+                          "padding": 1.0 - red.total_tokens / max(1, red.positions), "peak_mem_mb": mem, "w": self.model.w_stats(),
+                          "skipped_steps": skipped}
                 metrics.write(record)
                 last.update(train=record["bits_per_token"], tps=record["tokens_per_s"], mem=mem)
                 self._report(bar, step, stop, record)
-                tally = Tally()
+                tally, skipped = Tally(), 0
             if heldout and (step % t.eval_every == 0 or step == stop):
                 last["eval"] = self._eval_record(heldout, step, stop, metrics, bar)
             if step % t.checkpoint_every == 0 or step == stop:
@@ -441,7 +661,7 @@ class Trainer:
         if self.is_main:
             summary = {"step": stop, "finished": finished, "processes": self.world, "train_bits_per_token": last["train"],
                        "heldout_bits_per_token": last["eval"], "tokens_per_s": result.tokens_per_s, "peak_mem_mb": last["mem"],
-                       "parameters": n_params, "w": self.model.w_stats()}
+                       "parameters": n_params, "w": self.model.w_stats(), "skipped_steps": self.skipped_total}
             (self.run_dir / SUMMARY).write_text(json.dumps(summary, indent=1) + "\n")
             self.log(f"{'done' if finished else 'stopped'} at step {stop}: held-out bits/token "
                      + ", ".join(f"{m} {b:.3f}" for m, b in last["eval"].items()) + f"; {result.tokens_per_s:,.0f} tokens/s")
@@ -460,7 +680,10 @@ class Trainer:
             return
         bits = " ".join(f"{m} {b:.3f}" for m, b in record["bits_per_token"].items())
         if record["kind"] == "train":
-            line = f"step {step}/{stop} loss {record['loss']:.4f} nats/token | bits/token {bits} | {record['tokens_per_s']:,.0f} tok/s"
+            loss = "n/a" if record["loss"] is None else f"{record['loss']:.4f}"
+            line = f"step {step}/{stop} loss {loss} nats/token | bits/token {bits} | {record['tokens_per_s']:,.0f} tok/s"
+            if record["skipped_steps"]:
+                line += f" | {record['skipped_steps']} step(s) skipped: not finite"
             if record["w"]:
                 line += " | w " + " ".join(f"{m} {s['mean']:.3f}" for m, s in record["w"].items())
         else:
@@ -473,11 +696,16 @@ class Trainer:
 
 def train(cfg: DictConfig, *, resume: bool = False, overwrite: bool = False, until: int | None = None, progress: bool | None = None) -> RunResult:
     """Train one run; sets up and tears down the process group."""
+    trainer = None
     try:
-        result = Trainer(cfg, resume=resume, overwrite=overwrite, progress=progress).run(until)
+        trainer = Trainer(cfg, resume=resume, overwrite=overwrite, progress=progress, until=until)
+        result = trainer.run(until)
     except BaseException:
+        if trainer is not None:
+            trainer.abandon()
         close_distributed(clean=False)
         raise
+    trainer.lock.release()
     close_distributed()
     return result
 
