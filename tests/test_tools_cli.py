@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -148,3 +149,86 @@ def test_evaluate_tool(model, capsys):
     write_shards("tabular", [PENGUINS], other, bins=4, progress=False)
     code, _, err = run_tool(capsys, "evaluate", "--model", model, "--shards", other)
     assert code == 2 and "another vocabulary" in err
+
+
+# --- one line, status 2, nothing written: numbers, devices, outputs, free text -----------------
+
+BAD_OPTIONS = [
+    ("sample", ["--temperature", "nan"], "--temperature nan: must be a finite number"),
+    ("sample", ["--temperature", "inf"], "--temperature inf: must be a finite number"),
+    ("sample", ["--guidance", "nan"], "--guidance nan: must be a finite number"),
+    ("sample", ["--top-p", "1.5"], "--top-p 1.5: must be at most 1"),
+    ("sample", ["--nrow", "-1"], "--nrow -1: must be >= 1"),
+    ("sample", ["--device", "banana"], "--device banana: not a torch device"),
+    ("sample", ["--num", "100000", "--batch-size", "100000000"], "--batch-size 100000000: a batch of 100000 records"),
+    ("text", ["--temperature", "-1"], "--temperature -1.0: must be > 0"),
+    ("protein", ["--guidance", "inf"], "--guidance inf: must be a finite number"),
+    ("protein", ["--prefix", "x\n>evil"], "--prefix"),
+    ("protein", ["--lengths-from", "{pixels}"], "holds pixels shards, not protein"),
+    ("evaluate", ["--batch-size", "0"], "--batch-size 0: must be >= 1"),
+    ("evaluate", ["--repeats", "0"], "--repeats 0: must be >= 1"),
+    ("evaluate", ["--device", "cuda:7"], "--device cuda:7"),
+]
+BASE = {
+    "sample": ["--num", "2", "--output", "{tmp}/g.png", *FAST],
+    "text": ["--prompt", "hi", "--length", "3", "--output", "{tmp}/t.txt", *FAST],
+    "protein": ["--num", "2", "--output", "{tmp}/p.fasta", *FAST],
+    "evaluate": ["--shards", "{protein}", "--output", "{tmp}/e.json"],
+}
+
+
+@pytest.mark.parametrize("name, extra, message", BAD_OPTIONS, ids=[f"{n}{' '.join(e)}" for n, e, _ in BAD_OPTIONS])
+def test_bad_options_are_one_line_and_write_nothing(model, capsys, name, extra, message):
+    tmp = scratch(f"bad-{name}")
+    fill = {"tmp": tmp, "pixels": shard_dir("pixels"), "protein": shard_dir("protein")}
+    args = [a.format(**fill) for a in BASE[name] + extra]
+    if name == "protein" and "--lengths-from" not in extra:
+        args += ["--length", "5"]
+    code, _, err = run_tool(capsys, name, "--model", model, *args)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
+    assert message in err, err
+    assert not list(tmp.iterdir())
+
+
+@pytest.mark.parametrize("where", ["under-a-file", "read-only"])
+def test_output_that_cannot_be_created(model, capsys, where):
+    if where == "read-only" and os.geteuid() == 0:
+        pytest.skip("root writes into read-only folders")
+    tmp = scratch(f"out-{where}")
+    if where == "under-a-file":
+        (tmp / "file").write_text("x")
+        out = tmp / "file" / "g.png"
+    else:
+        ro = tmp / "ro"
+        ro.mkdir()
+        ro.chmod(0o555)
+        out = ro / "g.png"
+    try:
+        code, _, err = run_tool(capsys, "sample", "--model", model, "--num", 2, "--output", out, *FAST)
+    finally:
+        (tmp / "ro").exists() and (tmp / "ro").chmod(0o755)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "cannot be created" in err, err
+
+
+def test_evaluate_single_pass_writes_strict_json(model, capsys):
+    tmp = scratch("evaluate-one")
+    code, out, err = run_tool(capsys, "evaluate", "--model", model, "--shards", shard_dir("protein"), "--repeats", 1, "--output", tmp / "e.json")
+    assert code == 0, err
+    report = json.loads((tmp / "e.json").read_text(), parse_constant=lambda c: pytest.fail(f"bare {c} in the JSON"))
+    assert report["modalities"]["protein"]["stderr"] is None and "±" not in out
+
+
+def test_protein_headers_stay_one_record_each(model, capsys):
+    tmp = scratch("protein-prefix")
+    code, _, err = run_tool(capsys, "protein", "--model", model, "--num", 3, "--length", 6, "--prefix", "designed_v2", "--output", tmp / "p.fasta", *FAST)
+    assert code == 0, err
+    headers = [line for line in (tmp / "p.fasta").read_text().splitlines() if line.startswith(">")]
+    assert [h.split()[0] for h in headers] == [">designed_v2-1", ">designed_v2-2", ">designed_v2-3"]
+
+
+def test_read_only_parent_is_refused_up_front(monkeypatch, tmp_path):
+    from maskdiff import cli
+
+    monkeypatch.setattr(cli.os, "access", lambda *a, **k: False)
+    with pytest.raises(cli.UserError, match="is not writable"):
+        cli.check_outputs([tmp_path / "new" / "x.png"], overwrite=False)

@@ -55,8 +55,9 @@ def run(args) -> int:
     for mod, records in by_mod.items():
         tally = evaluate_records(bundle, records, repeats=args.repeats, batch_size=args.batch_size, seed=args.seed, device=args.device)
         report["modalities"].update(summarise(tally, bundle.spec, len(records)))
-    text = json.dumps(report, indent=1) + "\n"
-    lines = [f"{m}: {e['bits_per_token']:.3f} ± {e['stderr']:.3f} bits/token" for m, e in report["modalities"].items()]
+    text = json.dumps(report, indent=1, allow_nan=False) + "\n"
+    lines = [f"{m}: {e['bits_per_token']:.3f}" + (f" ± {e['stderr']:.3f}" if e["stderr"] is not None else "") + " bits/token"
+             for m, e in report["modalities"].items()]
     cli.emit(text, args.output, f"wrote {args.output}: " + "; ".join(lines))
     return 0
 

@@ -45,6 +45,28 @@ def build_parser():
     return p
 
 
+def check_prefix(prefix: str) -> str:
+    """A FASTA id prefix: printable, without whitespace or '>' (which would start another record)."""
+    if not prefix or any(c.isspace() or not c.isprintable() or c == ">" for c in prefix):
+        raise cli.UserError(f"--prefix {prefix!r}: must be non-empty, without spaces, line breaks, control characters or '>'")
+    return prefix
+
+
+def check_lengths_from(dirs: list[str]) -> None:
+    """--lengths-from must name protein shard directories."""
+    from maskdiff.shards import load_manifest
+
+    for d in dirs:
+        modality = load_manifest(d).get("modality")
+        if modality != "protein":
+            raise cli.UserError(f"--lengths-from {d}: holds {modality} shards, not protein")
+
+
+def header_text(value: object) -> str:
+    """A condition value as header text: one line, no '>'."""
+    return "_".join(str(value).replace(">", "_").split())
+
+
 def fasta(records: list[tuple[str, str]], width: int = 60) -> str:
     return "".join(f">{header}\n" + "".join(seq[i : i + width] + "\n" for i in range(0, len(seq), width)) for header, seq in records)
 
@@ -62,8 +84,10 @@ def run(args) -> int:
         raise cli.UserError(f"--num {args.num}: must be >= 1")
     if args.length is not None and args.length < 1:
         raise cli.UserError(f"--length {args.length}: must be >= 1")
+    check_prefix(args.prefix)
     out = Path(args.output)
     cli.check_outputs([out], args.overwrite)
+    check_lengths_from(args.lengths_from)
     bundle = cli.open_bundle(args.model, "protein", args.device)
     adapter = bundle.adapters["protein"]
     given = conditions(adapter.vocabs or {}, parse_pairs(args.condition), "--condition")
@@ -84,12 +108,13 @@ def run(args) -> int:
         fields += [Field(k, f"protein/{k}", np.array([given.get(k, MISSING)])) for k in (adapter.vocabs or {})]
         records.append(Record(fields, {"index": i}))
     supports = [bundle.spec.support_id(f"protein/{k}") for k in given] if args.guidance > 0 else []
+    cli.check_fill_memory(bundle, records, args.batch_size, args.device)
     filled = fill(bundle, records, sampler_options(args, supports), cli.generator(args.seed, args.device), batch_size=args.batch_size,
                   device=args.device, progress=cli.show_progress(args.progress))
     entries = []
     for i, rec in enumerate(filled.records, 1):
         d = adapter.decode(rec)
-        tags = " ".join(f"{k}={v}" for k, v in d["conditions"].items())
+        tags = " ".join(f"{header_text(k)}={header_text(v)}" for k, v in d["conditions"].items())
         entries.append((f"{args.prefix}-{i} {tags} length={len(d['sequence'])}".replace("  ", " "), d["sequence"]))
     cli.write_text(out, fasta(entries))
     print(f"wrote {len(entries)} sequence(s) to {out}, {filled.network_calls} network evaluations")

@@ -72,6 +72,7 @@ def run(args) -> int:
     records = image_records(adapter, args.num, labels, image, keep)
     supports = [bundle.spec.support_id("pixels/label")] if args.guidance > 0 and args.label else []
     opts = sampler_options(args, supports)
+    cli.check_fill_memory(bundle, records, args.batch_size, args.device)
     filled = fill(bundle, records, opts, cli.generator(args.seed, args.device), batch_size=args.batch_size, device=args.device,
                   progress=cli.show_progress(args.progress))
     decoded = [adapter.decode(r) for r in filled.records]

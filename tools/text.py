@@ -62,6 +62,7 @@ def run(args) -> int:
     template = unescape(args.template) if args.template is not None else unescape(args.prompt) + f"[MASK:{args.length}]"
     tokens = text_template(template, adapter.processor.encode, args.span, adapter.max_len)
     records = [Record([Field("text", SUPPORT, tokens.copy())], {"index": i}) for i in range(args.num)]
+    cli.check_fill_memory(bundle, records, args.batch_size, args.device)
     filled = fill(bundle, records, sampler_options(args), cli.generator(args.seed, args.device), batch_size=args.batch_size,
                   device=args.device, progress=cli.show_progress(args.progress))
     text = "".join(f"--- sample {i} ---\n{adapter.decode(r)}\n" for i, r in enumerate(filled.records, 1))

@@ -8,27 +8,34 @@ Layout of a bundle directory::
     vocab.json           the vocabulary spec (global id layout)
     adapters/<modality>/state.json (+ large fitted state, e.g. the BPE model)
 
-:func:`load_bundle` rebuilds the :class:`~maskdiff.joint.JointModel` from the
-config and spec, loads the weights strictly, and checks every adapter's
-supports against the spec, so ids cannot silently shift.
+:func:`load_bundle` verifies every file against the sha256 that ``bundle.json``
+lists, rebuilds the :class:`~maskdiff.joint.JointModel` from the config and
+spec, loads the weights strictly (all finite), and checks every adapter's
+supports against the spec, so ids cannot silently shift. A bundle is written
+to a staging directory and swapped into place, and weights that are not
+finite are never exported.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 from omegaconf import DictConfig
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from maskdiff.adapters import Adapter, adapter_from_state
 
-from .config import RunConfig, load_config, save_config, to_run_config
+from .config import ConfigError, RunConfig, load_config, save_config, to_run_config
 from .joint import JointModel
-from .tokens import VocabSpec
+from .tokens import VocabMismatchError, VocabSpec
 
 FORMAT, VERSION = "maskdiff-bundle", 1
 WEIGHTS, CONFIG, VOCAB, INFO, ADAPTERS = "model.safetensors", "config.yaml", "vocab.json", "bundle.json", "adapters"
@@ -64,19 +71,110 @@ def export_bundle(out: str | Path, model: torch.nn.Module, cfg: DictConfig, spec
     distribution of variable-length fields, so generation needs no training shards.
     """
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
-    save_file(weights, str(out / WEIGHTS), metadata={"format": FORMAT, "vocab": spec.fingerprint()})
-    save_config(cfg, out / CONFIG)
-    spec.save(out / VOCAB)
-    for mod, adapter in adapters.items():
-        d = out / ADAPTERS / mod
-        d.mkdir(parents=True, exist_ok=True)
-        (d / "state.json").write_text(json.dumps(adapter.state(d), indent=1) + "\n")
-    info = {"format": FORMAT, "version": VERSION, "step": step, "vocab_fingerprint": spec.fingerprint(), "modalities": sorted(adapters),
-            "parameters": sum(v.numel() for v in weights.values()), "metrics": metrics or {}, "lengths": lengths or {}}
-    (out / INFO).write_text(json.dumps(info, indent=1) + "\n")
+    bad = next((k for k, v in weights.items() if not bool(torch.isfinite(v).all())), None)
+    if bad is not None:
+        raise BundleError(f"{out}: not exported: weight {bad} is not finite (the training diverged)")
+    stage = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    try:
+        save_file(weights, str(stage / WEIGHTS), metadata={"format": FORMAT, "vocab": spec.fingerprint()})
+        save_config(cfg, stage / CONFIG)
+        spec.save(stage / VOCAB)
+        for mod, adapter in adapters.items():
+            d = stage / ADAPTERS / mod
+            d.mkdir(parents=True, exist_ok=True)
+            (d / "state.json").write_text(json.dumps(adapter.state(d), indent=1) + "\n")
+        info = {"format": FORMAT, "version": VERSION, "step": step, "vocab_fingerprint": spec.fingerprint(), "modalities": sorted(adapters),
+                "parameters": sum(v.numel() for v in weights.values()), "metrics": metrics or {}, "lengths": lengths or {},
+                "files": {str(p.relative_to(stage)): _sha256(p) for p in sorted(stage.rglob("*")) if p.is_file()}}
+        (stage / INFO).write_text(json.dumps(info, indent=1, allow_nan=False) + "\n")
+        _swap(stage, out)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     return out
+
+
+def _swap(stage: Path, out: Path) -> None:
+    """Put ``stage`` at ``out``; an older bundle there is moved aside first and removed last."""
+    old = out.with_name(f".{out.name}.old{os.getpid()}")
+    if out.exists():
+        os.replace(out, old)
+    os.replace(stage, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BundleError(f"{path}: missing") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BundleError(f"{path}: not valid JSON ({str(e).splitlines()[0][:120]})") from None
+
+
+def _read_info(root: Path) -> dict[str, Any]:
+    info = _read_json(root / INFO)
+    if not isinstance(info, dict) or info.get("format") != FORMAT or info.get("version") != VERSION:
+        raise BundleError(f"{root / INFO}: not a {FORMAT} v{VERSION} bundle")
+    for key, kind in (("vocab_fingerprint", str), ("modalities", list), ("files", dict)):
+        if not isinstance(info.get(key), kind):
+            raise BundleError(f"{root / INFO}: key '{key}' is missing or not a {kind.__name__}")
+    return info
+
+
+def _verify_files(root: Path, files: dict[str, Any]) -> None:
+    """Every file bundle.json lists exists inside the bundle and matches its sha256."""
+    for name in (WEIGHTS, CONFIG, VOCAB):
+        if name not in files:
+            raise BundleError(f"{root / INFO}: lists no checksum for {name}")
+    top = root.resolve()
+    for name, digest in files.items():
+        p = (root / name).resolve()
+        if not p.is_relative_to(top):
+            raise BundleError(f"{root / INFO}: file {name!r} is outside the bundle")
+        if not p.is_file():
+            raise BundleError(f"{root}: not a complete bundle ({name} is missing)")
+        if _sha256(p) != digest:
+            raise BundleError(f"{root / name}: does not match its checksum in {INFO} (damaged or changed after export)")
+
+
+def _read_config(path: Path) -> DictConfig:
+    """A bundle's config is resolved: a ``base`` key would read another file, so it is refused."""
+    try:
+        import yaml
+
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError):
+        raise BundleError(f"{path}: not valid YAML") from None
+    if not isinstance(raw, dict):
+        raise BundleError(f"{path}: the top level must be a mapping")
+    if "base" in raw:
+        raise BundleError(f"{path}: a bundle's config must be resolved, without 'base'")
+    try:
+        return load_config(path)
+    except ConfigError as e:
+        raise BundleError(f"{path}: {str(e).removeprefix(str(path.resolve()) + ': ')}") from None
+
+
+def _load_weights(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise BundleError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0][:120]})") from None
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if bad is not None:
+        raise BundleError(f"{path}: weight {bad} is not finite; refusing to load a diverged model")
+    return state
 
 
 def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
@@ -84,32 +182,46 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
     root = Path(path)
     if not (root / INFO).is_file() and (root / "bundle" / INFO).is_file():
         root = root / "bundle"
-    for name in (INFO, WEIGHTS, CONFIG, VOCAB):
-        if not (root / name).is_file():
-            raise BundleError(f"{root}: not a bundle ({name} is missing)")
-    info = json.loads((root / INFO).read_text())
-    if info.get("format") != FORMAT or info.get("version") != VERSION:
-        raise BundleError(f"{root / INFO}: not a {FORMAT} v{VERSION} bundle")
-    spec = VocabSpec.load(root / VOCAB)
+    if not (root / INFO).is_file():
+        raise BundleError(f"{root}: not a bundle ({INFO} is missing)")
+    info = _read_info(root)
+    _verify_files(root, info["files"])
+    try:
+        spec = VocabSpec.load(root / VOCAB)
+    except (ValueError, KeyError, TypeError, AttributeError, VocabMismatchError) as e:
+        raise BundleError(f"{root / VOCAB}: not a vocabulary spec ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})") from None
     if spec.fingerprint() != info["vocab_fingerprint"]:
         raise BundleError(f"{root / VOCAB}: fingerprint {spec.fingerprint()} differs from bundle.json's {info['vocab_fingerprint']}")
-    cfg = load_config(root / CONFIG)
+    cfg = _read_config(root / CONFIG)
     config = to_run_config(cfg)
-    adapters = {}
-    for mod in info["modalities"]:
-        d = root / ADAPTERS / mod
-        adapter = adapter_from_state(json.loads((d / "state.json").read_text()), d)
-        for s in adapter.supports():
-            if spec.support(s.name) != s:
-                raise BundleError(f"{d}: adapter support {s} differs from the vocabulary spec's {spec.support(s.name)}")
-        adapters[mod] = adapter
+    adapters = {mod: _load_adapter(root, spec, mod) for mod in info["modalities"]}
     model = JointModel(spec, config)
-    state = load_file(str(root / WEIGHTS))
+    state = _load_weights(root / WEIGHTS)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise BundleError(f"{root / WEIGHTS}: weights do not fit the configured model (missing {missing[:3]}, unexpected {unexpected[:3]})")
     model.to(device).eval()
     return Bundle(model, cfg, config, spec, adapters, info)
+
+
+def _load_adapter(root: Path, spec: VocabSpec, mod: Any) -> Adapter:
+    d = root / ADAPTERS / str(mod)
+    state = _read_json(d / "state.json")
+    if not isinstance(state, dict) or state.get("modality") != mod:
+        raise BundleError(f"{d / 'state.json'}: not the state of a {mod} adapter")
+    try:
+        adapter = adapter_from_state(state, d)
+        supports = adapter.supports()
+    except BundleError:
+        raise
+    except Exception as e:  # a damaged state may fail in any adapter's own way; checksums catch most before
+        raise BundleError(f"{d / 'state.json'}: cannot rebuild the {mod} adapter ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})") from None
+    for s in supports:
+        if s.name not in spec.index:
+            raise BundleError(f"{d}: adapter support {s.name!r} is not in the vocabulary spec")
+        if spec.support(s.name) != s:
+            raise BundleError(f"{d}: adapter support {s} differs from the vocabulary spec's {spec.support(s.name)}")
+    return adapter
 
 
 __all__ = ["Bundle", "BundleError", "export_bundle", "load_bundle"]

@@ -11,6 +11,7 @@ progress bars appear on a terminal only.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import tempfile
@@ -39,16 +40,67 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 
 def run(main: Callable[[argparse.Namespace], int | None], parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
-    """Parse ``argv`` and run ``main``; user errors become one line on stderr and status 2."""
+    """Parse ``argv``, check the shared options and run ``main``; user errors become one line on stderr and status 2."""
     args = parser.parse_args(argv)
     try:
+        check_args(args)
         return main(args) or 0
     except user_errors() as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(str(e))}", file=sys.stderr)
+        return USER_ERROR
+    except OSError as e:  # an output in a read-only folder, under a file, a full disk
+        print(f"error: {e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
         return USER_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return INTERRUPTED
+
+
+def _one_line(msg: str) -> str:
+    return " ".join(msg.split("\n")) if msg else msg
+
+
+# option -> (lowest allowed value, whether the lowest is allowed): checked when a tool has the option
+RANGES: dict[str, tuple[float, bool]] = {
+    "num": (1, True), "batch_size": (1, True), "steps": (1, True), "nrow": (1, True), "repeats": (1, True), "limit": (1, True),
+    "length": (1, True), "span": (1, True), "temperature": (0, False), "top_p": (0, False), "confidence_noise": (0, True),
+    "guidance": (0, True),
+}
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Numbers are finite and in range (NaN and infinities never pass), ``--device`` names a usable device."""
+    for key, value in vars(args).items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{flag} {value}: must be a finite number")
+        if key in RANGES and isinstance(value, (int, float)) and not isinstance(value, bool):
+            lo, inclusive = RANGES[key]
+            if value < lo or (value == lo and not inclusive):
+                raise UserError(f"{flag} {value}: must be {'>=' if inclusive else '>'} {lo:g}")
+    if getattr(args, "top_p", None) is not None and args.top_p > 1:
+        raise UserError(f"--top-p {args.top_p}: must be at most 1")
+    if getattr(args, "device", None) is not None:
+        check_device(args.device)
+
+
+def check_device(name: str) -> torch.device:
+    """A torch device that exists on this machine, else a one-line :class:`UserError`."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {name}: not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if device.type == "cpu":
+        return device
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name}: no CUDA device is available here")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+        return device
+    if device.type == "mps" and torch.backends.mps.is_available():
+        return device
+    raise UserError(f"--device {name}: not available here (use cpu or cuda)")
 
 
 def parser(doc: str) -> argparse.ArgumentParser:
@@ -96,6 +148,18 @@ def check_outputs(paths: Sequence[str | Path], overwrite: bool) -> None:
             raise UserError(f"{p}: is a directory, expected a file name")
         if p.exists() and not overwrite:
             raise UserError(f"{p}: already exists; pass --overwrite to replace it")
+        _check_writable_parent(p)
+
+
+def _check_writable_parent(p: Path) -> None:
+    """The nearest existing ancestor of ``p`` must be a writable directory (checked before any work)."""
+    parent = p.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"{p}: cannot be created: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{p}: cannot be created: {parent} is not writable")
 
 
 @contextmanager
@@ -144,6 +208,41 @@ def open_bundle(path: str | Path, modality: str | None = None, device: str = "cp
     return bundle
 
 
+def available_memory(device: str | torch.device) -> int | None:
+    """Bytes free for tensors on ``device`` (None when unknown)."""
+    d = torch.device(device)
+    if d.type == "cuda":
+        return torch.cuda.mem_get_info(d)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def batch_bytes(bundle, batch_size: int, tokens: int) -> int:
+    """A generous estimate of the memory one forward pass of ``batch_size`` records of ``tokens`` positions takes."""
+    m = bundle.config.model
+    per_position = 4 * (16 * m.dim + 3 * bundle.spec.num_clean + 2 * m.heads * tokens)  # activations, logits + draws, attention
+    return batch_size * tokens * per_position
+
+
+def check_memory(bundle, batch_size: int, tokens: int, device: str, given: int | None = None) -> None:
+    """Refuse up front a batch that cannot fit in memory, rather than being killed half-way."""
+    need, have = batch_bytes(bundle, batch_size, tokens), available_memory(device)
+    if have is not None and need > have:
+        raise UserError(f"--batch-size {given or batch_size}: a batch of {batch_size} records of {tokens} tokens needs about {need / 2**30:.1f} GiB, "
+                        f"more than the {have / 2**30:.1f} GiB free on {device}; lower --batch-size")
+
+
+def check_fill_memory(bundle, records: Sequence, batch_size: int, device: str) -> None:
+    """:func:`check_memory` for sampling ``records`` in batches of ``batch_size``."""
+    if records:
+        tokens = max(sum(f.tokens.size for f in r.fields) for r in records)
+        check_memory(bundle, min(batch_size, len(records)), tokens, device, given=batch_size)
+
+
 def generator(seed: int, device: str = "cpu") -> torch.Generator:
     g = torch.Generator(device=device)
     g.manual_seed(seed)
@@ -152,5 +251,5 @@ def generator(seed: int, device: str = "cpu") -> torch.Generator:
 
 __all__ = [
     "USER_ERROR", "UserError", "add_model", "add_output", "add_sampling", "atomic_path", "check_outputs", "generator",
-    "open_bundle", "parser", "run", "show_progress", "user_errors", "write_text",
+    "batch_bytes", "check_args", "check_device", "check_fill_memory", "check_memory", "open_bundle", "parser", "run", "show_progress", "user_errors", "write_text",
 ]

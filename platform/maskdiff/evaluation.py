@@ -76,9 +76,10 @@ def evaluate_records(bundle, records: Sequence[Record], *, repeats: int = 4, bat
     return tally
 
 
-def _mean_se(per_pass_nats: Iterable[float], tokens: int) -> tuple[float, float]:
+def _mean_se(per_pass_nats: Iterable[float], tokens: int) -> tuple[float, float | None]:
+    """Mean bits/token over passes and its standard error (None from a single pass: JSON has no NaN)."""
     bits = np.array(list(per_pass_nats)) / (tokens * LN2)
-    se = float(bits.std(ddof=1) / math.sqrt(bits.size)) if bits.size > 1 else float("nan")
+    se = float(bits.std(ddof=1) / math.sqrt(bits.size)) if bits.size > 1 else None
     return float(bits.mean()), se
 
 

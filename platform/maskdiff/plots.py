@@ -8,6 +8,7 @@ against the optimizer step.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -69,11 +70,14 @@ def plot_metrics(metrics_path: str | Path, out_dir: str | Path) -> list[Path]:
     curves: dict[str, dict[str, list[tuple[float, float]]]] = {}
     for r in records:
         for mod, bits in r.get("bits_per_token", {}).items():
-            curves.setdefault(mod, {"train": [], "eval": []})[r["kind"]].append((r["step"], bits))
+            c = curves.setdefault(mod, {"train": [], "eval": []})
+            if isinstance(bits, (int, float)) and math.isfinite(bits):  # a diverged step has nothing to draw
+                c[r["kind"]].append((r["step"], bits))
     out = []
     for mod, c in curves.items():
         series = [("train", c["train"], (31, 119, 180)), ("held-out", c["eval"], (214, 39, 40))]
-        out.append(line_plot([s for s in series if s[1]], Path(out_dir) / f"{mod}.png", f"{mod}"))
+        if c["train"] or c["eval"]:
+            out.append(line_plot([s for s in series if s[1]], Path(out_dir) / f"{mod}.png", f"{mod}"))
     return out
 
 
