@@ -22,8 +22,9 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) tools/demo.py
 
+# BENCH_ARGS=--quick for a short run; figures also go to outputs/bench.json
 bench: $(STAMP)
-	$(PY) tools/bench_core.py
+	$(PY) tools/bench.py $(BENCH_ARGS)
 	$(PY) tools/bench_shard.py
 	$(PY) tools/bench_train.py
 

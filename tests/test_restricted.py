@@ -102,3 +102,15 @@ def test_elbo_and_sampler_never_build_dense_outputs(monkeypatch):
     masked = batch.with_tokens(torch.where(batch.valid, SPEC.mask_id, batch.tokens))
     for method in ("ancestral", "topk"):
         sample(model, masked, schedules, steps=4, method=method)
+
+
+def test_bfloat16_network_still_fills_every_hole_within_its_support():
+    model, schedules = make(time_conditioning=False)
+    schedules = ModalitySchedules({TEXT: make_schedule("cosine"), TAB: make_schedule("linear")})
+    batch = make_batch(seed=3)
+    x = batch.with_tokens(torch.where(batch.valid, SPEC.mask_id, batch.tokens))
+    out = sample(model, x, schedules, steps=8, precision="bfloat16", generator=torch.Generator().manual_seed(0)).tokens
+    for sid, s in enumerate(SPEC.supports):
+        r = SPEC.id_range(s.name)
+        got = out[batch.valid & (batch.support_ids == sid)]
+        assert ((got >= r.start) & (got < r.stop)).all()

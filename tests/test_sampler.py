@@ -239,6 +239,8 @@ def test_genmd4_method_needs_a_state_dependent_schedule(data):
         sample(PosteriorOracle(data, schedules), batch, schedules, method="genmd4")
     with pytest.raises(ValueError, match="guidance"):
         sample(PosteriorOracle(data, schedules), batch, schedules, guidance=2.0)
+    with pytest.raises(ValueError, match="precision"):
+        sample(PosteriorOracle(data, schedules), batch, schedules, precision="float16")
 
 
 def test_temperature_and_top_p():

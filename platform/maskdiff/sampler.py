@@ -42,6 +42,7 @@ from .tokens import Record, VocabSpec
 
 GRIDS = ("linear", "cosine")
 METHODS = ("ancestral", "genmd4", "topk")
+PRECISIONS = ("float32", "bfloat16")
 
 
 def time_grid(steps: int, kind: str = "linear", dtype=torch.float64) -> Tensor:
@@ -74,6 +75,7 @@ class SamplerOptions:
     confidence_noise: float = 0.0  # topk: scale of the Gumbel noise on the confidence (times t)
     progress: bool = False
     kernel: str = "auto"  # reverse-step implementation: auto | triton | reference (see maskdiff.kernels)
+    precision: str = "float32"  # network precision: float32 | bfloat16 (autocast; draws stay float64)
 
     def check(self, schedules: ModalitySchedules) -> None:
         if self.method not in METHODS:
@@ -84,6 +86,8 @@ class SamplerOptions:
             raise ValueError(f"unknown time grid {self.grid!r}; expected one of {GRIDS}")
         if self.temperature <= 0 or not 0 < self.top_p <= 1 or self.guidance < 0 or self.steps < 1:
             raise ValueError(f"need steps >= 1, temperature > 0, 0 < top_p <= 1, guidance >= 0; got {self}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}; expected one of {PRECISIONS}")
         if self.guidance > 0 and not self.guidance_supports:
             raise ValueError("guidance needs the conditioning fields (guidance_supports)")
 
@@ -169,12 +173,15 @@ class _Predictor:
         batch = self.batch if every else _take_rows(self.batch, rows)
         xr, wr = (x, where) if every else (x[rows], where[rows])
         tt = torch.full((len(rows),), t, device=x.device)
-        groups = support_logits(self.denoiser, xr, batch.with_tokens(xr), tt, wr, self.spec)
+        low = torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.opts.precision == "bfloat16")
+        with low:
+            groups = support_logits(self.denoiser, xr, batch.with_tokens(xr), tt, wr, self.spec)
         self.calls += 1
         self.row_calls += len(rows)
         if self.opts.guidance > 0:
             x_u = torch.where(self.drop if every else self.drop[rows], self.batch.mask_id, xr)
-            uncond = support_logits(self.denoiser, x_u, batch.with_tokens(x_u), tt, wr, self.spec)
+            with low:
+                uncond = support_logits(self.denoiser, x_u, batch.with_tokens(x_u), tt, wr, self.spec)
             self.calls += 1
             self.row_calls += len(rows)
             groups = [replace(g, logits=guided(torch.log_softmax(g.logits.double(), -1), torch.log_softmax(u.logits.double(), -1), self.opts.guidance))
