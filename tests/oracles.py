@@ -231,18 +231,17 @@ def expected_nelbo(denoiser, batch: Batch, prob: Tensor, schedules: ModalitySche
     else:
         times = t_min + (1 - t_min) * torch.arange(1, steps + 1, dtype=torch.float64) / steps
         weights = torch.full((steps,), 1.0 / steps, dtype=torch.float64)
-    patterns = torch.tensor([[(k >> n) & 1 for n in range(L)] for k in range(2**L)], dtype=torch.bool)
     from maskdiff.elbo import position_nats
 
     spec = spec if spec is not None else getattr(denoiser, "spec", None)
-    total = torch.zeros((), dtype=torch.float64)
-    x0 = torch.where(batch.valid, batch.tokens, 0)
-    for t, w in zip(times, weights):
-        tt = t.repeat(B)
-        p_mask = schedules.per_position("mask_prob", tt, x0, batch.modality_ids)
-        for pat in patterns:
-            masked = pat.expand(B, L) & batch.valid
-            q = torch.where(masked, p_mask, 1 - p_mask).where(batch.valid, 1.0).prod(-1)
-            nats = position_nats(denoiser, batch, schedules, tt, masked, steps, spec).sum(-1)
-            total = total + w * (prob * q * nats).sum()
-    return total
+    patterns = torch.tensor([[(k >> n) & 1 for n in range(L)] for k in range(2**L)], dtype=torch.bool)
+    P, N = len(patterns), len(times)
+    # one evaluation over every (time, pattern, example): row (i * P + j) * B + b
+    rows = batch.repeat(N * P)
+    tt = times.repeat_interleave(P * B)
+    masked = patterns.repeat_interleave(B, dim=0).repeat(N, 1) & rows.valid
+    x0 = torch.where(rows.valid, rows.tokens, 0)
+    p_mask = schedules.per_position("mask_prob", tt, x0, rows.modality_ids)
+    q = torch.where(masked, p_mask, 1 - p_mask).where(rows.valid, 1.0).prod(-1)
+    nats = position_nats(denoiser, rows, schedules, tt, masked, steps, spec).sum(-1)
+    return (weights.repeat_interleave(P * B) * prob.repeat(N * P) * q * nats).sum()

@@ -229,8 +229,11 @@ def stepwise_dense(model: Denoiser, batch: Batch, schedules: ModalitySchedules, 
     return x, predict.row_calls
 
 
+SAMPLE_SIZES = [(128, 2), (256, 4)]  # (dim, depth); --sample-sizes overrides
+
+
 def bench_sample(quick: bool) -> list[Row]:
-    sizes = [(128, 2)] if quick else [(128, 2), (256, 4)]
+    sizes = SAMPLE_SIZES[:1] if quick and len(SAMPLE_SIZES) > 1 else SAMPLE_SIZES
     steps = 64 if quick else 256
     spec = VocabSpec([Support("text/char", "text", 27)])
     out = []
@@ -329,7 +332,10 @@ def main() -> None:
     ap.add_argument("--threads", default="auto", help="torch threads: a number, or auto (free cores by load average)")
     ap.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {SECTIONS}")
     ap.add_argument("--json", type=Path, default=ROOT / "outputs/bench.json", help="where to write the figures")
+    ap.add_argument("--sample-sizes", default=None, metavar="DxL,...", help="sampling sizes as dim x depth (default 128x2,256x4; --quick: 128x2)")
     args = ap.parse_args()
+    if args.sample_sizes:
+        SAMPLE_SIZES[:] = [tuple(int(v) for v in size.split("x")) for size in args.sample_sizes.split(",")]
     chosen = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = set(chosen) - set(SECTIONS)
     if unknown:

@@ -15,7 +15,8 @@ computes only those; any other callable returning dense log-probabilities
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from functools import lru_cache
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -44,7 +45,6 @@ class DenseDenoiser(Protocol):
         ...
 
 
-@runtime_checkable
 class RestrictedDenoiser(Protocol):
     spec: VocabSpec
 
@@ -60,6 +60,9 @@ def group_by_support(support_ids: Tensor) -> list[tuple[int, Tensor]]:
     """(support id, indices into ``support_ids``) for each support present, in one sort."""
     if support_ids.numel() == 0:
         return []
+    lo, hi = support_ids.aminmax()
+    if bool(lo == hi):  # one support (a text or image model): no sort
+        return [(int(lo), torch.arange(support_ids.numel(), device=support_ids.device))]
     order = torch.argsort(support_ids, stable=True)
     present, counts = torch.unique_consecutive(support_ids[order], return_counts=True)
     return list(zip(present.tolist(), torch.split(order, counts.tolist())))
@@ -74,7 +77,13 @@ def spec_of(denoiser: object, spec: VocabSpec | None) -> VocabSpec:
 
 def support_sizes(spec: VocabSpec, device: torch.device | str | None = None) -> Tensor:
     """(num_supports,) support sizes: K of each field, from the spec (not from model outputs)."""
-    return torch.tensor([s.size for s in spec.supports], dtype=torch.long, device=device)
+    return _sizes(tuple(s.size for s in spec.supports), str(device))
+
+
+@lru_cache(maxsize=64)
+def _sizes(sizes: tuple[int, ...], device: str) -> Tensor:
+    with torch.inference_mode(False):  # a cached tensor must also serve outside inference mode
+        return torch.tensor(sizes, dtype=torch.long, device=None if device == "None" else device)
 
 
 def support_logits(
@@ -86,7 +95,7 @@ def support_logits(
     spec: VocabSpec | None = None,
 ) -> list[SupportGroup]:
     """Logits at ``where`` grouped by support: restricted when the denoiser can, else sliced from its dense output."""
-    if isinstance(denoiser, RestrictedDenoiser):
+    if hasattr(denoiser, "support_logits"):  # a RestrictedDenoiser (an attribute test: Protocol isinstance is slow)
         return denoiser.support_logits(x_t, batch, t, where)
     spec = spec_of(denoiser, spec)
     logp = denoiser(x_t, batch, t)[where]

@@ -58,6 +58,11 @@ class Schedule(nn.Module):
         return torch.log(self.mask_prob(t, values))
 
 
+def _like(per_time: Tensor, values: Tensor) -> Tensor:
+    """A function of t alone, broadcast against the values' shape (a view, no copy)."""
+    return torch.broadcast_tensors(per_time, values)[0]
+
+
 class ValueFreeSchedule(Schedule):
     """An MD4 schedule: alpha depends on t only, through ``f`` and ``df``."""
 
@@ -68,19 +73,19 @@ class ValueFreeSchedule(Schedule):
         raise NotImplementedError
 
     def alpha(self, t: Tensor, values: Tensor) -> Tensor:
-        return torch.broadcast_to(self.f(t), torch.broadcast_shapes(t.shape, values.shape))
+        return _like(self.f(t), values)
 
     def dalpha(self, t: Tensor, values: Tensor) -> Tensor:
-        return torch.broadcast_to(self.df(t), torch.broadcast_shapes(t.shape, values.shape))
+        return _like(self.df(t), values)
 
     def mask_prob(self, t: Tensor, values: Tensor) -> Tensor:
-        return torch.broadcast_to(self.one_minus_f(t), torch.broadcast_shapes(t.shape, values.shape))
+        return _like(self.one_minus_f(t), values)
 
     def rate(self, t: Tensor, values: Tensor) -> Tensor:
-        return torch.broadcast_to(self.rate_t(t), torch.broadcast_shapes(t.shape, values.shape))
+        return _like(self.rate_t(t), values)
 
     def log_mask_prob(self, t: Tensor, values: Tensor) -> Tensor:
-        return torch.broadcast_to(self.log_one_minus_f(t), torch.broadcast_shapes(t.shape, values.shape))
+        return _like(self.log_one_minus_f(t), values)
 
     def one_minus_f(self, t: Tensor) -> Tensor:
         return 1.0 - self.f(t)
