@@ -9,21 +9,31 @@ Column types are inferred — *numeric* when every non-missing cell parses as a
 number, else *categorical* — and can be overridden with ``categorical``,
 ``numeric`` and ``drop`` (comma-separated column names).
 
+Some columns are not learned but *passed through* (kept in the table, never a
+field of the record), each with its reason in :attr:`TabularAdapter.passthrough`:
+columns named in ``passthrough``; free text and identifiers (categorical
+columns with more than ``free_text`` distinct values, most of them seen once:
+names, titles, comments); dates (every observed cell an ISO date or time); and
+columns with no observed value at all. Imputation leaves their cells as they are.
+
 * Categorical columns get one token per category seen when fitting (at most
   ``max_categories``, the most frequent; other values — beyond the cap or
   unseen when fitting — share an *other* bucket, or with ``unseen=reject``
   reject the row).
   Categories are kept as the exact cell text and decode to it.
 * Numeric columns are cut into at most ``bins`` quantile (equal-frequency)
-  bins fitted on the data: edges are data values, bin i is
+  bins fitted on the data (default: about the square root of the column's
+  observed cells, between 16 and 64): edges are data values, bin i is
   ``[edge_i, edge_i+1)``, the last one closed; a value holding more than its
   share of the rows (the zeros of a mostly-zero column) gets a bin of its own
   and the other bins split the rest evenly. A column with no more distinct values than ``bins`` gets one bin per
-  value and decodes exactly. Decoding gives a value inside the bin:
+  value and decodes exactly. Each bin keeps the mean of its fitted values (the
+  point estimate of imputation averages them). Decoding gives a value inside the bin:
   ``numeric_decode=median`` (default) the median of the fitted values in the
   bin, ``uniform`` a uniform draw inside it (seeded by ``seed``); columns whose
   values are all integers decode to integers. Values outside the fitted range
   (only possible with a state fitted on other data) go to the end bins.
+  Infinite numbers (``inf``, ``1e400``) reject their row.
 
 Rows with the wrong number of cells (ragged CSV rows) are rejected with their
 line number. Records' ``meta["id"]`` is ``<file>#<row>`` (0-based data row
@@ -33,6 +43,8 @@ among the parsed rows).
 from __future__ import annotations
 
 import math
+import re
+from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -55,14 +67,15 @@ def _names(text: str | None) -> list[str]:
 class NumericBins:
     """Quantile bins of one numeric column (see the module docstring)."""
 
-    def __init__(self, edges: Sequence[float], medians: Sequence[float], integer: bool, discrete: bool) -> None:
+    def __init__(self, edges: Sequence[float], medians: Sequence[float], integer: bool, discrete: bool, means: Sequence[float] | None = None) -> None:
         self.edges = np.asarray(edges, dtype=np.float64)
         self.medians = np.asarray(medians, dtype=np.float64)
+        self.means = self.medians if means is None else np.asarray(means, dtype=np.float64)
         self.integer, self.discrete = integer, discrete
 
     @classmethod
     def fit(cls, values: np.ndarray, bins: int) -> NumericBins:
-        values = np.sort(values[~np.isnan(values)])
+        values = np.sort(values[np.isfinite(values)])
         integer = bool(values.size) and bool(np.all(values == np.floor(values)))
         uniq, counts = np.unique(values, return_counts=True)
         if uniq.size == 0:
@@ -81,9 +94,10 @@ class NumericBins:
         edges = np.append(uniq[starts], uniq[-1])
         idx = np.searchsorted(edges[1:-1], values, side="right")
         medians = np.array([np.median(values[idx == i]) for i in range(edges.size - 1)])
+        means = np.array([values[idx == i].mean() for i in range(edges.size - 1)])
         if integer:
             medians = np.floor(medians)
-        return cls(edges, medians, integer, False)
+        return cls(edges, medians, integer, False, means)
 
     @property
     def size(self) -> int:
@@ -108,21 +122,24 @@ class NumericBins:
         return int(v) if self.integer else v
 
     def to_dict(self) -> dict[str, Any]:
-        return {"edges": self.edges.tolist(), "medians": self.medians.tolist(), "integer": self.integer, "discrete": self.discrete}
+        return {"edges": self.edges.tolist(), "medians": self.medians.tolist(), "means": self.means.tolist(), "integer": self.integer,
+                "discrete": self.discrete}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> NumericBins:
-        return cls(d["edges"], d["medians"], d["integer"], d["discrete"])
+        return cls(d["edges"], d["medians"], d["integer"], d["discrete"], d.get("means"))
 
 
 class TabularAdapter(Adapter):
     modality = "tabular"
     name = "tabular-quantile"
     options_spec = (
-        Option("bins", "quantile bins per numeric column (default 64)", int, metavar="N"),
+        Option("bins", "quantile bins per numeric column (default: about sqrt(observed cells), 16 to 64)", int, metavar="N"),
         Option("categorical", "columns to treat as categorical, comma-separated", str, metavar="COLS"),
         Option("numeric", "columns to treat as numeric, comma-separated (cells that are not numbers reject the row)", str, metavar="COLS"),
         Option("drop", "columns to leave out, comma-separated", str, metavar="COLS"),
+        Option("passthrough", "columns to keep in the table but not learn (imputation leaves them as they are), comma-separated", str, metavar="COLS"),
+        Option("free_text", "pass through categorical columns with more than N distinct values, most seen once (default 100)", int, metavar="N"),
         Option("na_values", f"cell texts that mean missing, comma-separated; empty cells always do (default {DEFAULT_NA})", str, metavar="LIST"),
         Option("delimiter", "CSV field delimiter (default ,)", str, metavar="CHAR"),
         Option("max_categories", "keep at most N categories per column, the rest share an 'other' bucket (default 1000)", int, metavar="N"),
@@ -131,17 +148,21 @@ class TabularAdapter(Adapter):
         Option("seed", "random seed for numeric_decode=uniform (default 0)", int, metavar="N"),
     )
 
-    def __init__(self, bins: int = 64, categorical: str | None = None, numeric: str | None = None, drop: str | None = None, na_values: str = DEFAULT_NA,
-                 delimiter: str = ",", max_categories: int = 1000, unseen: str = "other", numeric_decode: str = "median", seed: int = 0) -> None:
+    def __init__(self, bins: int | None = None, categorical: str | None = None, numeric: str | None = None, drop: str | None = None,
+                 passthrough: str | None = None, free_text: int = 100, na_values: str = DEFAULT_NA, delimiter: str = ",",
+                 max_categories: int = 1000, unseen: str = "other", numeric_decode: str = "median", seed: int = 0) -> None:
         super().__init__(**options_from(locals()))
-        if bins < 1:
+        if bins is not None and bins < 1:
             raise InputError(f"--bins {bins}: must be at least 1")
+        if free_text < 1:
+            raise InputError(f"--free-text {free_text}: must be at least 1")
         if len(delimiter) != 1:
             raise InputError(f"--delimiter {delimiter!r}: must be one character")
         overlap = set(_names(categorical)) & set(_names(numeric))
         if overlap:
             raise InputError(f"columns {sorted(overlap)} are named both --categorical and --numeric")
         self.columns: dict[str, CategoryVocab | NumericBins] | None = None
+        self.passthrough: dict[str, str] = {}  # column -> why it is not learned
         self._rng = np.random.default_rng(seed) if numeric_decode == "uniform" else None
 
     # --- reading ------------------------------------------------------------------
@@ -206,20 +227,29 @@ class TabularAdapter(Adapter):
         if not rows:
             raise InputError("tabular input: no rows to fit the columns on")
         names = list(rows[0])
-        for opt in ("categorical", "numeric"):
+        for opt in ("categorical", "numeric", "passthrough"):
             unknown = [n for n in _names(self.options[opt]) if n not in names]
             if unknown:
                 raise InputError(f"--{opt}: no column(s) {unknown}; columns are {names}")
         forced_cat, forced_num = set(_names(self.options["categorical"])), set(_names(self.options["numeric"]))
         columns: dict[str, CategoryVocab | NumericBins] = {}
+        passthrough = {n: "named by --passthrough" for n in _names(self.options["passthrough"])}
         for name in names:
+            if name in passthrough:
+                continue
             cells = [r[name] for r in rows if r[name] is not None]
             numbers = None if name in forced_cat else _as_numbers(cells, strict=name not in forced_num)
-            if numbers is not None and (name in forced_num or cells):
-                columns[name] = NumericBins.fit(numbers, self.options["bins"])
+            if not cells:
+                passthrough[name] = "no observed value to learn from"
+            elif numbers is not None:
+                columns[name] = NumericBins.fit(numbers, self.options["bins"] or _auto_bins(int(np.isfinite(numbers).sum())))
+            elif name not in forced_cat and (why := _not_learnable(cells, self.options["free_text"])):
+                passthrough[name] = why
             else:
                 columns[name] = CategoryVocab.fit((_cell_text(c) for c in cells), self.options["max_categories"], self.options["unseen"])
-        self.columns = columns
+        if not columns:
+            raise InputError(f"tabular input: no column to learn (passed through: {', '.join(f'{n} ({why})' for n, why in passthrough.items())})")
+        self.columns, self.passthrough = columns, passthrough
 
     # --- encoding -------------------------------------------------------------------
     def encode(self, raw: dict[str, Any]) -> Record:
@@ -262,15 +292,19 @@ class TabularAdapter(Adapter):
     def _fitted_state(self, root_dir: str | Path | None) -> dict[str, Any]:
         if self.columns is None:
             return {}
-        return {"columns": [{"name": n, "kind": "numeric", **c.to_dict()} if isinstance(c, NumericBins) else {"name": n, "kind": "categorical", **c.to_dict()} for n, c in self.columns.items()]}
+        columns = [{"name": n, "kind": self.kind(n), **c.to_dict()} for n, c in self.columns.items()]
+        return {"columns": columns, "passthrough": dict(self.passthrough)} if self.passthrough else {"columns": columns}
 
     def _load_fitted(self, fitted: dict[str, Any], root_dir: Path | None) -> None:
         if "columns" in fitted:
             self.columns = {c["name"]: NumericBins.from_dict(c) if c["kind"] == "numeric" else CategoryVocab.from_dict(c) for c in fitted["columns"]}
+            self.passthrough = dict(fitted.get("passthrough", {}))
 
     def describe(self) -> dict[str, Any]:
         d = super().describe()
         d["columns"] = {n: ("numeric" if isinstance(c, NumericBins) else "categorical") + f"[{c.size}]" for n, c in (self.columns or {}).items()}
+        if self.passthrough:
+            d["passthrough"] = dict(self.passthrough)
         return d
 
 
@@ -300,6 +334,26 @@ def _as_numbers(cells: list[Any], strict: bool) -> np.ndarray | None:
     return out
 
 
+def _auto_bins(observed: int) -> int:
+    """About sqrt(n) quantile bins (16 to 64): enough rows per bin to learn its probability."""
+    return int(np.clip(round(math.sqrt(max(observed, 1))), 16, 64))
+
+
+ISO_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}([ T]\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}:?\d{2})?)?$")
+
+
+def _not_learnable(cells: list[Any], free_text: int) -> str | None:
+    """Why a non-numeric column is passed through rather than learned, or None."""
+    texts = [_cell_text(c).strip() for c in cells]
+    if all(ISO_DATE.match(t) for t in texts) or all(hasattr(c, "isoformat") for c in cells):
+        return "dates"
+    counts = Counter(texts)
+    once = sum(1 for n in counts.values() if n == 1)
+    if len(counts) > free_text and once > len(counts) / 2:
+        return f"free text or identifiers: {len(counts)} distinct values in {len(texts)} cells, {once} seen once"
+    return None
+
+
 def _number_token(col: NumericBins, name: str, value: Any) -> int:
     try:
         x = float(value)
@@ -307,6 +361,8 @@ def _number_token(col: NumericBins, name: str, value: Any) -> int:
         raise Reject(f"column {name!r}: {value!r} is not a number") from None
     if math.isnan(x):
         return MISSING
+    if not math.isfinite(x):
+        raise Reject(f"column {name!r}: {value!r} is not a finite number")
     return col.encode(x)
 
 

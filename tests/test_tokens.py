@@ -83,7 +83,7 @@ def test_collate_pads_and_split_inverts():
     assert torch.equal(batch.repeat(2).tokens[2:], batch.tokens)
 
 
-def test_drop_fields_masks_whole_fields_and_removes_them_from_the_loss():
+def test_condition_fields_are_given_unless_dropped_and_never_in_the_loss():
     from maskdiff.batch import drop_fields
 
     spec = VocabSpec(SUPPORTS)
@@ -94,5 +94,8 @@ def test_drop_fields_masks_whole_fields_and_removes_them_from_the_loss():
     dropped = out.tokens[:, 4] == spec.mask_id
     assert 60 < int(dropped.sum()) < 140  # about a quarter of 400
     assert torch.equal(out.tokens[:, :4], batch.tokens[:, :4])  # other fields untouched
-    assert not out.valid[dropped, 4].any() and out.valid[~dropped, 4].all()
-    assert drop_fields(batch, [label], 0.0) is batch
+    assert torch.equal(out.tokens[~dropped, 4], batch.tokens[~dropped, 4])  # kept labels stay visible
+    assert not out.valid[:, 4].any() and out.valid[:, :4].all()  # given or dropped, a condition is never modelled
+    kept = drop_fields(batch, [label], 0.0)
+    assert torch.equal(kept.tokens, batch.tokens) and not kept.valid[:, 4].any()
+    assert drop_fields(batch, [], 0.5) is batch

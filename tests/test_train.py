@@ -27,8 +27,9 @@ def test_loss_is_finite_and_falls(one_process: Path) -> None:
     train = metrics(one_process, "train")
     assert [m["step"] for m in train] == list(range(5, 41, 5))
     assert all(math.isfinite(m["loss"]) for m in train)
-    first, last = train[0]["loss"], sum(m["loss"] for m in train[-2:]) / 2
-    assert last < 0.85 * first, (first, last)
+    # the loss mixes modalities in proportions that vary per token-budgeted batch: compare one modality
+    first, last = (sum(m["bits_per_token"]["text"] for m in ms) / 2 for ms in (train[:2], train[-2:]))
+    assert last < 0.9 * first, (first, last)
     evals = metrics(one_process, "eval")
     assert [m["step"] for m in evals] == [0, 10, 20, 30, 40]  # step 0: the untrained model
     for mod in ("text", "tabular"):

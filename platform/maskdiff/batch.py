@@ -100,22 +100,22 @@ def split(batch: Batch, records: Sequence[Record], spec: VocabSpec, tokens: Tens
     return out
 
 
-
-
-
 def drop_fields(batch: Batch, support_ids: Sequence[int], p: float, generator: torch.Generator | None = None) -> Batch:
-    """Classifier-free guidance training: per example, drop each listed field with prob ``p``.
+    """Condition on the listed fields, dropping each with prob ``p`` per example (classifier-free guidance).
 
-    A dropped field is masked in the input and left out of the ELBO (it is not
-    part of the data being modelled for that example), so the same network
-    learns p(x | c) and p(x).
+    A conditioning field (a digit's label, a protein's evidence level) is given,
+    not modelled: it is never masked and stays out of the ELBO, so the network
+    always sees it while it learns p(x | c). A dropped field is masked instead
+    (and still left out of the ELBO), so the same network also learns p(x).
     """
-    if p <= 0 or not support_ids:
+    if not support_ids:
         return batch
     B = batch.shape[0]
     ids = torch.as_tensor(list(support_ids), dtype=torch.long, device=batch.tokens.device)
+    is_condition = (batch.support_ids.unsqueeze(-1) == ids) & ~batch.pad.unsqueeze(-1)  # (B, L, fields)
     coin = torch.rand((B, len(ids)), generator=generator, device=batch.tokens.device) < p  # (B, fields)
-    hit = (batch.support_ids.unsqueeze(-1) == ids) & coin.unsqueeze(1)  # (B, L, fields)
-    dropped = hit.any(-1) & ~batch.pad
-    return replace(batch, tokens=torch.where(dropped, batch.mask_id, batch.tokens), valid=batch.valid & ~dropped)
+    dropped = (is_condition & coin.unsqueeze(1)).any(-1)
+    return replace(batch, tokens=torch.where(dropped, batch.mask_id, batch.tokens), valid=batch.valid & ~is_condition.any(-1))
+
+
 __all__ = ["Batch", "collate", "drop_fields", "split"]

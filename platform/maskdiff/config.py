@@ -50,7 +50,12 @@ class DataConfig:
     sources: Dict[str, SourceConfig] = field(default_factory=dict)  # modality -> source
     build: Dict[str, BuildConfig] = field(default_factory=dict)  # shard dir (as in sources) -> recipe
     shard_root: str = "shards"  # relative shard dirs are taken under it
-    batch_size: int = 16  # records per micro-batch and process
+    # A micro-batch (per process) holds records until either limit is reached: its padded size
+    # (records x longest record) would exceed batch_tokens, or it holds batch_size records.
+    # Measured in tokens, a batch holds many table rows (10-30 tokens) and few images (~200)
+    # for the same work per step. null turns a limit off; at least one must be set.
+    batch_tokens: Optional[int] = 4096
+    batch_size: Optional[int] = None  # records
     max_len: Optional[int] = None  # longest record allowed (tokens); null = no limit
     shuffle_buffer: int = 256  # records
     bucket: int = 4  # micro-batches whose records are sorted by length together (1 = off)
@@ -233,8 +238,10 @@ def validate(rc: RunConfig) -> None:
         key = f"data.build.{dir_}"
         _check(recipe.modality in MODALITIES, f"{key}.modality", f"unknown modality {recipe.modality!r}")
         _check(bool(recipe.inputs), f"{key}.inputs", "no input files to build the shards from")
-    for name, value, low in (("batch_size", d.batch_size, 1), ("shuffle_buffer", d.shuffle_buffer, 1), ("bucket", d.bucket, 1), ("workers", d.workers, 0)):
-        _check(value >= low, f"data.{name}", f"must be >= {low}, got {value}")
+    _check(d.batch_tokens is not None or d.batch_size is not None, "data.batch_tokens", "batch_tokens and batch_size are both null; set at least one")
+    for name, value, low in (("batch_tokens", d.batch_tokens, 1), ("batch_size", d.batch_size, 1), ("shuffle_buffer", d.shuffle_buffer, 1),
+                             ("bucket", d.bucket, 1), ("workers", d.workers, 0)):
+        _check(value is None or value >= low, f"data.{name}", f"must be >= {low}, got {value}")
     _check(d.max_len is None or d.max_len >= 1, "data.max_len", "must be >= 1 or null")
     _check(0.0 <= d.heldout < 1.0, "data.heldout", f"must be in [0, 1), got {d.heldout}")
     for mod in rc.modalities:

@@ -10,9 +10,10 @@
   streams records split over ranks and DataLoader workers (each record once
   per epoch of its modality; every modality cycles through its own epochs),
   sorts ``bucket`` micro-batches' worth of records by length to cut padding,
-  and collates them into right-padded :class:`~maskdiff.batch.Batch` objects
+  cuts them into micro-batches by a token budget (:class:`BatchLimits`) and
+  collates them into right-padded :class:`~maskdiff.batch.Batch` objects
   (the denoiser's attention ignores padding keys), so records of different
-  lengths and modalities share a batch.
+  lengths and modalities share a batch: many table rows, few images.
 * Records are split into training and held-out sets by a hash of their id
   (and text window), stable across runs, ranks and epochs.
 * The stream is a deterministic function of (seed, rank, worker count), so a
@@ -23,8 +24,9 @@
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -96,10 +98,50 @@ def open_sources(rc: RunConfig, rank: int, world_size: int, **kw) -> tuple[dict[
     return sets, spec
 
 
+@dataclass(frozen=True)
+class BatchLimits:
+    """A micro-batch grows until its padded size (records x longest) would pass ``tokens``
+    or it holds ``records`` records; either limit may be None (off). A record longer than
+    ``tokens`` makes a batch of its own."""
+
+    tokens: int | None = 4096
+    records: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.tokens is None and self.records is None:
+            raise ValueError("batch limits: set a token budget, a record count, or both")
+
+    @classmethod
+    def of(cls, rc: RunConfig) -> BatchLimits:
+        return cls(rc.data.batch_tokens, rc.data.batch_size)
+
+    def full(self, count: int, tokens: int, buckets: int = 1) -> bool:
+        """Whether ``count`` records of ``tokens`` tokens in all fill ``buckets`` micro-batches."""
+        return ((self.records is not None and count >= self.records * buckets)
+                or (self.tokens is not None and tokens >= self.tokens * buckets))
+
+    def split(self, records: Sequence[Record]) -> list[list[Record]]:
+        """Consecutive runs of ``records`` (in order), each within the limits."""
+        chunks: list[list[Record]] = []
+        chunk: list[Record] = []
+        longest = 0
+        for rec in records:
+            n = len(rec)
+            grown = (len(chunk) + 1) * max(longest, n)
+            if chunk and ((self.records is not None and len(chunk) >= self.records) or (self.tokens is not None and grown > self.tokens)):
+                chunks.append(chunk)
+                chunk, longest = [], 0
+            chunk.append(rec)
+            longest = max(longest, n)
+        if chunk:
+            chunks.append(chunk)
+        return chunks
+
+
 class MixedBatches(IterableDataset):
     """Endless padded micro-batches of records mixed over modalities (see the module docstring)."""
 
-    def __init__(self, sets: Mapping[str, ShardSet], weights: Mapping[str, float], spec: VocabSpec, *, batch_size: int,
+    def __init__(self, sets: Mapping[str, ShardSet], weights: Mapping[str, float], spec: VocabSpec, *, limits: BatchLimits,
                  bucket: int = 1, max_len: int | None = None, heldout: float = 0.0, seed: int = 0, rank: int = 0, start: int = 0):
         super().__init__()
         self.mods = [m for m in MODALITIES if m in sets and weights.get(m, 0) > 0]
@@ -107,7 +149,7 @@ class MixedBatches(IterableDataset):
             raise ValueError("no modality with a positive mixing weight")
         total = sum(weights[m] for m in self.mods)
         self.sets, self.probs = sets, np.array([weights[m] / total for m in self.mods])
-        self.spec, self.batch_size, self.bucket, self.max_len = spec, batch_size, bucket, max_len
+        self.spec, self.limits, self.bucket, self.max_len = spec, limits, bucket, max_len
         self.heldout, self.seed, self.rank, self.start = heldout, seed, rank, start
         if not all(sets[m].repeat for m in self.mods):
             raise ValueError("MixedBatches needs endless sources (ShardSet(..., repeat=True))")
@@ -123,18 +165,37 @@ class MixedBatches(IterableDataset):
         rng = np.random.default_rng([self.seed, self.rank, wid, nw])
         streams = {m: self._records(m) for m in self.mods}
         skip = self.start // nw  # see batches(): the main process drops the first start % nw
-        n = self.batch_size * self.bucket
+        seen = {m: [0, 0] for m in self.mods}  # records and tokens drawn per modality
         while True:
-            picks = rng.choice(len(self.mods), size=n, p=self.probs)
-            records = [next(streams[self.mods[i]]) for i in picks]
+            records: list[Record] = []
+            tokens = 0
+            while not self.limits.full(len(records), tokens, self.bucket):
+                m = self.mods[rng.choice(len(self.mods), p=self._pick_probs(seen))]
+                rec = next(streams[m])
+                records.append(rec)
+                tokens += len(rec)
+                seen[m][0] += 1
+                seen[m][1] += len(rec)
             if self.bucket > 1:
                 records.sort(key=len)
-            chunks = [records[i : i + self.batch_size] for i in range(0, n, self.batch_size)]
+            chunks = self.limits.split(records)
             for j in rng.permutation(len(chunks)):
                 if skip > 0:
                     skip -= 1
                     continue
                 yield self.collate(chunks[j])
+
+    def _pick_probs(self, seen: Mapping[str, list[int]]) -> np.ndarray:
+        """Modality of the next record. With a token budget the mixing weights are shares of tokens:
+        pick m with prob ∝ weight_m / (mean record length of m so far), so short table rows are not
+        crowded out by long images; with a record limit only, they are shares of records."""
+        if self.limits.tokens is None:
+            return self.probs
+        known = [s[1] / s[0] for s in seen.values() if s[0]]
+        default = float(np.mean(known)) if known else 1.0
+        inv = np.array([1.0 / (seen[m][1] / seen[m][0] if seen[m][0] else default) for m in self.mods])
+        p = self.probs * inv
+        return p / p.sum()
 
     def collate(self, records: list[Record]) -> Batch:
         if self.max_len is not None:
@@ -166,35 +227,28 @@ def heldout_batches(rc: RunConfig, spec: VocabSpec, rank: int, world_size: int, 
     out: dict[str, list[Batch]] = {}
     if rc.data.heldout <= 0:
         return out
+    limits = BatchLimits.of(rc)
     for mod in rc.modalities:
-        records, found = [], []
+        records: list[Record] = []
+        tokens = 0
         dirs = [rc.data.shard_dir(name) for name in rc.data.sources[mod].dirs]
         for rec in ShardSet(dirs, rank=rank, world_size=world_size):
             if is_heldout(rec, rc.data.heldout):
                 records.append(rec)
-                if len(records) == rc.data.batch_size:
-                    found.append(collate(records, spec))
-                    records = []
-                    if len(found) == count:
-                        break
-        if records and len(found) < count:
-            found.append(collate(records, spec))
-        out[mod] = found
+                tokens += len(rec)
+                if limits.full(len(records), tokens, count):
+                    break
+        out[mod] = [collate(chunk, spec) for chunk in limits.split(records)[:count]]
     return out
 
 
 def train_dataset(rc: RunConfig, sets: Mapping[str, ShardSet], spec: VocabSpec, rank: int, start: int = 0) -> MixedBatches:
     d = rc.data
-    return MixedBatches(sets, {m: d.sources[m].weight for m in rc.modalities}, spec, batch_size=d.batch_size, bucket=d.bucket,
+    return MixedBatches(sets, {m: d.sources[m].weight for m in rc.modalities}, spec, limits=BatchLimits.of(rc), bucket=d.bucket,
                         max_len=d.max_len, heldout=d.heldout, seed=rc.seed, rank=rank, start=start)
 
 
-def batch_tokens(batch: Batch) -> tuple[int, int]:
-    """(valid tokens, padded positions) of a batch."""
-    return int(batch.valid.sum()), int(batch.tokens.numel())
-
-
 __all__ = [
-    "MixedBatches", "batch_tokens", "batches", "ensure_shards", "heldout_batches", "is_heldout", "open_sources",
+    "BatchLimits", "MixedBatches", "batches", "ensure_shards", "heldout_batches", "is_heldout", "open_sources",
     "record_key", "train_dataset",
 ]
