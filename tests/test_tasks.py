@@ -9,10 +9,11 @@ import pytest
 from adapter_fixtures import PENGUINS, scratch
 from tasks_fixtures import shard_dir, tiny_bundle
 
-from maskdiff.cli import UserError, generator
+from maskdiff.cli import UserError
 from maskdiff.images import keep_mask
-from maskdiff.imputation import hide_cells, impute, read_table, split_csv, with_hidden, write_table
-from maskdiff.sampler import SamplerOptions
+from maskdiff.imputation import impute
+from maskdiff.imputation_quality import hide_cells, with_hidden
+from maskdiff.tables import read_table, split_csv, write_table
 from maskdiff.templates import protein_template, text_template
 from maskdiff.tokens import MISSING
 
@@ -58,7 +59,7 @@ def test_impute_keeps_observed_cells_and_fills_every_missing_one(bundle):
     cells = hide_cells(table, table.columns, 0.3, np.random.default_rng(0))
     masked = with_hidden(table, cells)
     missing = {(r, c) for r, row in enumerate(masked.values) for c, v in enumerate(row) if v is None}
-    imp = impute(bundle, masked, SamplerOptions(steps=4), generator(0), draws=2)
+    imp = impute(bundle, masked, draws=2)
     assert set(imp.cells) == missing and all(set(d) == missing for d in imp.draws)
     assert all(v is not None and str(v) != "" for d in imp.draws for v in d.values())
     out = scratch("impute-lib") / "filled.csv"
@@ -83,7 +84,7 @@ def test_impute_parquet_keeps_schema_and_values(bundle):
     path = scratch("impute-pq") / "t.parquet"
     pq.write_table(arrow, path)
     t = read_table(path)
-    imp = impute(bundle, t, SamplerOptions(steps=4), generator(1))
+    imp = impute(bundle, t, seed=1)
     write_table(t, imp.draws[0], path.with_name("out.parquet"))
     back = pq.read_table(path.with_name("out.parquet"))
     assert back.schema == arrow.schema and all(c.null_count == 0 for c in back.columns)
@@ -96,8 +97,8 @@ def test_unknown_columns_are_an_error(bundle):
     table = read_table(PENGUINS, ",", ["NA"])
     table.columns[1] = "islands"
     with pytest.raises(UserError, match="'islands' are not columns the model knows"):
-        impute(bundle, table, SamplerOptions(steps=2), generator(0))
-    imp = impute(bundle, table, SamplerOptions(steps=2), generator(0), passthrough=["islands"])
+        impute(bundle, table)
+    imp = impute(bundle, table, passthrough=["islands"])
     assert all(c != 1 for _, c in imp.cells)
 
 
@@ -116,7 +117,7 @@ def test_evaluation_bookkeeping(bundle):
 
 
 def test_consensus_of_draws_is_mode_or_mean():
-    from maskdiff.imputation import consensus
+    from maskdiff.imputation_quality import consensus
 
     draws = [{(0, 0): "a", (0, 1): 1.0}, {(0, 0): "b", (0, 1): 2.0}, {(0, 0): "a", (0, 1): 6.0}]
     assert consensus(draws, ["cat", "num"], {"cat": "categorical", "num": "numeric"}) == {(0, 0): "a", (0, 1): 3.0}

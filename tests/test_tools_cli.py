@@ -85,7 +85,7 @@ def test_impute_tool_files_and_errors(model, capsys):
     lines = PENGUINS.read_text().splitlines(keepends=True)
     masked = "".join([lines[0]] + [line.replace(",male,", ",,", 1) for line in lines[1:60]])
     (tmp / "in.csv").write_text(masked)
-    code, out, err = run_tool(capsys, "impute", "--model", model, "--input", tmp / "in.csv", "--output", tmp / "out.csv", "--draws", 3, *FAST)
+    code, out, err = run_tool(capsys, "impute", "--model", model, "--input", tmp / "in.csv", "--output", tmp / "out.csv", "--draws", 3, "--no-progress")
     assert code == 0, err
     assert sorted(p.name for p in tmp.iterdir()) == ["in.csv", "out-1.csv", "out-2.csv", "out-3.csv", "out-uncertainty.csv"]
     for k in (1, 2, 3):
@@ -96,9 +96,9 @@ def test_impute_tool_files_and_errors(model, capsys):
     summary = (tmp / "out-uncertainty.csv").read_text().splitlines()
     assert summary[0].startswith("row,column,kind,draws,mode,agreement") and len(summary) > 1
     (tmp / "bad.csv").write_text("species,wingspan\nAdelie,3\n")
-    code, _, err = run_tool(capsys, "impute", "--model", model, "--input", tmp / "bad.csv", "--output", tmp / "x.csv", *FAST)
+    code, _, err = run_tool(capsys, "impute", "--model", model, "--input", tmp / "bad.csv", "--output", tmp / "x.csv", "--no-progress")
     assert code == 2 and "'wingspan' are not columns the model knows" in err and not (tmp / "x.csv").exists()
-    code, _, err = run_tool(capsys, "impute", "--model", model, "--input", tmp / "in.csv", "--output", tmp / "x.parquet", *FAST)
+    code, _, err = run_tool(capsys, "impute", "--model", model, "--input", tmp / "in.csv", "--output", tmp / "x.parquet", "--no-progress")
     assert code == 2 and "output must be too" in err
 
 

@@ -1,51 +1,70 @@
 #!/usr/bin/env python
-"""Quality benchmarks of a trained joint model on its held-out data (figures, not tests).
+"""Quality benchmarks against the tools a user would otherwise reach for (figures, not tests).
 
 examples:
-  # after `make demo` (or tools/train.py --config configs/joint.yaml): all benchmarks, JSON to stdout
-  python tools/bench_quality.py --model runs/demo/bundle
+  # fit-and-impute on the shipped tables (adult, penguins) against scikit-learn's imputers
+  python tools/bench_quality.py --only tables --output bench.json --markdown bench.md
 
-  # only imputation and likelihood, results to a file
-  python tools/bench_quality.py --model runs/demo/bundle --only impute likelihood --output bench.json
+  # any other table, with a smaller budget
+  python tools/bench_quality.py --only tables --table my.csv --minutes 3
 
-* impute: held-out rows of the training table with 20% of cells hidden;
-  accuracy (categorical) and RMSE / column std (numeric) of the model against
-  mode/mean, k-nearest-neighbour and iterative imputation (scikit-learn).
-* likelihood: ELBO bits/token of held-out proteins and text (bits/dim of
-  images) against a unigram model of the training records.
-* images: class-conditional samples scored by a logistic-regression
-  classifier trained on the real training images: how often it agrees with
-  the requested class, its mean confidence, and the class balance of
-  unconditional samples; real held-out images give the reference.
+  # a trained model: held-out bits/token per modality, and class-conditional digits
+  python tools/bench_quality.py --only likelihood images --model runs/pixels/bundle
 
-Needs the model's training shards (under the config's shard_root) and, for
-the k-NN / iterative baselines and the classifier, scikit-learn (the 'bench'
-extra). Exit status: 0 done, 2 a problem with the input.
+* tables: in each table 20% of the observed cells are hidden (at least one
+  per row); the one-command fit-and-impute path (tools/impute.py without
+  --model, the default budget) learns from what is left and fills them. Per
+  column: accuracy (categorical) and RMSE / std of the hidden values
+  (numeric), beside the column mode / mean, 5-nearest-neighbour (numeric
+  columns standardised) and an iterative random-forest imputer
+  (MissForest-style: scikit-learn's IterativeImputer with a random forest,
+  categories as codes) fitted on the same hidden table.
+* likelihood: ELBO bits/token of the model's held-out records per modality
+  against a unigram model of its training records.
+* images: class-conditional digits scored by a logistic-regression
+  classifier trained on the model's real training digits: how often it
+  agrees with the requested class and its confidence, with and without
+  classifier-free guidance; real held-out digits give the reference.
+
+Needs scikit-learn (the 'bench' extra). Exit status: 0 done, 2 a problem with
+the input.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
-from collections import Counter
+import tempfile
+import time
+from pathlib import Path
 
-import numpy as np
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from maskdiff import cli
+import numpy as np  # noqa: E402
 
-BENCHES = ("impute", "likelihood", "images")
+from maskdiff import cli  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHES = ("tables", "likelihood", "images")
+SHIPPED_TABLES = ("data/tabular/adult-sample.csv", "data/tabular/penguins.csv")
 
 
 def build_parser():
     p = cli.parser(__doc__)
-    cli.add_model(p)
-    p.add_argument("--only", nargs="+", choices=BENCHES, default=list(BENCHES), help="benchmarks to run (default all)")
+    p.add_argument("--model", metavar="BUNDLE", help="likelihood / images: a trained bundle")
+    p.add_argument("--only", nargs="+", choices=BENCHES, default=["tables"], help="benchmarks to run (default tables)")
+    p.add_argument("--table", nargs="+", metavar="CSV", help=f"tables: the tables to use (default {' '.join(SHIPPED_TABLES)})")
+    p.add_argument("--minutes", type=float, help="tables: fit-and-impute budget per table (default: tools/impute.py's)")
+    p.add_argument("--hide", type=float, default=0.2, help="tables: fraction of observed cells hidden (default 0.2)")
     p.add_argument("--per-class", type=int, default=20, help="images: samples per class (default 20)")
-    p.add_argument("--steps", type=int, default=48, help="sampling steps (default 48)")
+    p.add_argument("--steps", type=int, default=64, help="images: sampling steps (default 64)")
+    p.add_argument("--guidance", type=float, default=2.0, help="images: guidance weight of the guided run (default 2)")
     p.add_argument("--limit", type=int, default=256, help="likelihood: held-out records per modality (default 256)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--output", metavar="FILE.json", help="write the JSON here instead of stdout")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    p.add_argument("--markdown", metavar="FILE.md", help="also write the tables as Markdown")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     return p
 
 
@@ -55,52 +74,122 @@ def sklearn():
     except ImportError:
         raise cli.UserError("this benchmark needs scikit-learn: pip install -e '.[bench]' (or pip install scikit-learn)") from None
     import sklearn.experimental.enable_iterative_imputer  # noqa: F401
-    from sklearn import impute, linear_model
+    from sklearn import ensemble, impute, linear_model
 
-    return impute, linear_model
+    return impute, linear_model, ensemble
 
 
-def bench_impute(bundle, args) -> dict:
-    from maskdiff.imputation import consensus, heldout_split, hide_cells, impute, mode_mean_baseline, score, with_hidden
-    from maskdiff.sampler import SamplerOptions
+# --- tables -----------------------------------------------------------------------------------
 
-    sk_impute, _ = sklearn()
+
+def bench_table(path: Path, args) -> dict:
+    from maskdiff.imputation import impute
+    from maskdiff.imputation_quality import hide_cells, mode_mean_baseline, score, with_hidden
+    from maskdiff.table_fit import fit_table
+    from maskdiff.tables import read_table, write_table
+
+    impute_tool = _load_tool("impute")
+    minutes = args.minutes or impute_tool.DEFAULT_MINUTES
+    truth = read_table(path, ",", ["NA", "N/A", "?", "NaN", "null", "NULL"])
+    cells = hide_cells(truth, truth.columns, args.hide, np.random.default_rng(args.seed))
+    hidden = with_hidden(truth, cells)
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / path.name
+        write_table(hidden, {}, src)
+        t0 = time.perf_counter()
+        bundle_path, plan = fit_table(src, Path(tmp) / "run", minutes=minutes, seed=args.seed, log=lambda m: print(m, file=sys.stderr))
+        fitted = time.perf_counter() - t0
+        bundle = cli.open_bundle(bundle_path, "tabular")
+        t0 = time.perf_counter()
+        imp = impute(bundle, hidden, seed=args.seed)
+        filled = time.perf_counter() - t0
     adapter = bundle.adapters["tabular"]
-    train, test = heldout_split(bundle)
-    cells = hide_cells(test, list(adapter.columns), 0.2, np.random.default_rng(args.seed))
+    learned = [(r, c) for r, c in cells if truth.columns[c] in adapter.columns]
     kinds = {c: adapter.kind(c) for c in adapter.columns}
-    imp = impute(bundle, with_hidden(test, cells), SamplerOptions(steps=args.steps), cli.generator(args.seed), draws=5)
-    out = {"rows": test.num_rows, "cells": len(cells), "model (consensus of 5 draws)": score(test, cells, consensus(imp.draws, test.columns, kinds), kinds)["all"],
-           "model (one draw)": score(test, cells, imp.draws[0], kinds)["all"],
-           "mode/mean": score(test, cells, mode_mean_baseline(train, cells, kinds), kinds)["all"]}
-    X_train, X_test = _encode(train, kinds), _encode(with_hidden(test, cells), kinds)
-    for name, imputer in (("knn", sk_impute.KNNImputer(n_neighbors=5)), ("iterative", sk_impute.IterativeImputer(max_iter=10, random_state=args.seed))):
-        filled = _decode(imputer.fit(X_train[0]).transform(X_test[0]), X_test[1], test.columns, kinds)
-        out[name] = score(test, cells, {c: filled[c] for c in cells}, kinds)["all"]
+    results = {"model": score(truth, learned, imp.draws[0], kinds), "mode/mean": score(truth, learned, mode_mean_baseline(hidden, learned, kinds), kinds)}
+    results.update(sklearn_baselines(truth, hidden, learned, kinds, args.seed))
+    return {"table": str(path), "rows": truth.num_rows, "hidden_cells": len(learned), "passed_through": adapter.passthrough,
+            "fit_seconds": round(fitted, 1), "impute_seconds": round(filled, 1), "steps": plan.steps, "batch_rows": plan.batch_rows,
+            "results": results}
+
+
+def sklearn_baselines(truth, hidden, cells, kinds, seed: int) -> dict:
+    from maskdiff.imputation_quality import score
+
+    sk_impute, _, ensemble = sklearn()
+    names = [c for c in hidden.columns if c in kinds]
+    X, books = _encode(hidden, names, kinds)
+    numeric = [j for j, c in enumerate(names) if kinds[c] == "numeric"]
+    mu, sd = np.nanmean(X[:, numeric], 0), np.nanstd(X[:, numeric], 0) + 1e-12
+    out = {}
+    forest = ensemble.RandomForestRegressor(n_estimators=100, n_jobs=2, random_state=seed)
+    for name, imputer, scaled in (("5-NN", sk_impute.KNNImputer(n_neighbors=5), True),
+                                  ("iterative RF", sk_impute.IterativeImputer(estimator=forest, max_iter=5, random_state=seed), False)):
+        Z = X.copy()
+        if scaled:
+            Z[:, numeric] = (Z[:, numeric] - mu) / sd
+        t0 = time.perf_counter()
+        F = imputer.fit_transform(Z)
+        if scaled:
+            F[:, numeric] = F[:, numeric] * sd + mu
+        guesses = _decode(F, books, hidden.columns, names, cells)
+        out[name] = score(truth, cells, guesses, kinds)
+        out[name]["all"]["seconds"] = round(time.perf_counter() - t0, 1)
     return out
 
 
-def _encode(table, kinds):
-    """Numeric matrix (categories as codes, missing as NaN) and the code books, for scikit-learn."""
-    books = {}
-    X = np.full((table.num_rows, len(table.columns)), np.nan)
-    for j, name in enumerate(table.columns):
-        if kinds[name] == "categorical":
-            books[j] = sorted({str(r[j]) for r in table.values if r[j] is not None})
+def _encode(table, names, kinds):
+    """A float matrix of the learned columns (categories as codes, missing as NaN) and the code books."""
+    cols = [table.columns.index(c) for c in names]
+    books = {j: sorted({str(r[c]) for r in table.values if r[c] is not None}) for j, c in enumerate(cols) if kinds[names[j]] == "categorical"}
+    index = {j: {v: i for i, v in enumerate(b)} for j, b in books.items()}
+    X = np.full((table.num_rows, len(cols)), np.nan)
     for i, row in enumerate(table.values):
-        for j, v in enumerate(row):
-            if v is not None:
-                X[i, j] = books[j].index(str(v)) if j in books and str(v) in books[j] else (np.nan if j in books else float(v))
+        for j, c in enumerate(cols):
+            if row[c] is not None:
+                X[i, j] = index[j][str(row[c])] if j in books else float(row[c])
     return X, books
 
 
-def _decode(X, books, columns, kinds):
+def _decode(F, books, columns, names, cells):
+    where = {c: j for j, c in enumerate(names)}
     out = {}
-    for i in range(X.shape[0]):
-        for j, name in enumerate(columns):
-            v = X[i, j]
-            out[(i, j)] = books[j][int(np.clip(round(v), 0, len(books[j]) - 1))] if j in books else float(v)
+    for r, c in cells:
+        j = where[columns[c]]
+        out[(r, c)] = books[j][int(np.clip(round(F[r, j]), 0, len(books[j]) - 1))] if j in books else float(F[r, j])
     return out
+
+
+def _load_tool(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"maskdiff_tool_{name}", ROOT / "tools" / f"{name}.py")
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def tables_markdown(results: list[dict]) -> str:
+    """One Markdown table per benchmarked table: per column, the model beside each baseline (best in bold)."""
+    lines = []
+    for res in results:
+        methods = list(res["results"])
+        lines += [f"**{Path(res['table']).name}** ({res['rows']} rows, {res['hidden_cells']} hidden cells; fit {res['fit_seconds']:.0f} s, "
+                  f"impute {res['impute_seconds']:.1f} s)", "", "| column | metric | " + " | ".join(methods) + " |",
+                  "|---|---|" + "---|" * len(methods)]
+        model = res["results"]["model"]
+        for col in [c for c in model if c != "all"]:
+            metric = "accuracy" if "accuracy" in model[col] else "nrmse"
+            vals = [res["results"][m][col][metric] for m in methods]
+            best = max(vals) if metric == "accuracy" else min(vals)
+            cells = [f"**{v:.3f}**" if v == best else f"{v:.3f}" for v in vals]
+            lines.append(f"| {col} | {'accuracy' if metric == 'accuracy' else 'RMSE/std'} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+# --- a trained model --------------------------------------------------------------------------
 
 
 def bench_likelihood(bundle, args) -> dict:
@@ -124,42 +213,56 @@ def bench_images(bundle, args) -> dict:
     from maskdiff.images import image_records
     from maskdiff.sampler import SamplerOptions
 
-    _, linear_model = sklearn()
+    _, linear_model, _ = sklearn()
     adapter = bundle.adapters["pixels"]
+    if adapter.labels is None:
+        raise cli.UserError(f"{args.model}: the pixels model was trained without class labels")
     train, test = heldout_records(bundle, "pixels")
     X = np.stack([r["image"].tokens.reshape(-1) for r in train]) / 255.0
     y = np.array([adapter.decode(r)["label"] for r in train])
-    clf = linear_model.LogisticRegression(max_iter=300).fit(X, y)
+    clf = linear_model.LogisticRegression(max_iter=500).fit(X, y)
     Xt = np.stack([r["image"].tokens.reshape(-1) for r in test]) / 255.0
     yt = np.array([adapter.decode(r)["label"] for r in test])
-    classes = list(adapter.labels.categories) if adapter.labels else []
+    classes = list(adapter.labels.categories)
     labels = [c for c in classes for _ in range(args.per_class)]
-    cond = fill(bundle, image_records(adapter, len(labels), labels), SamplerOptions(steps=args.steps), cli.generator(args.seed))
-    uncond = fill(bundle, image_records(adapter, len(labels)), SamplerOptions(steps=args.steps), cli.generator(args.seed + 1))
-
-    def scored(records):
-        imgs = np.stack([r["image"].tokens.reshape(-1) for r in records]) / 255.0
-        return clf.predict(imgs), clf.predict_proba(imgs).max(1)
-
-    pc, confc = scored(cond.records)
-    pu, confu = scored(uncond.records)
-    balance = Counter(pu.tolist())
-    return {"classifier_heldout_accuracy": float((clf.predict(Xt) == yt).mean()), "real_confidence": float(clf.predict_proba(Xt).max(1).mean()),
-            "conditional_agreement": float((pc == np.array(labels)).mean()), "conditional_confidence": float(confc.mean()),
-            "unconditional_confidence": float(confu.mean()),
-            "unconditional_class_share": {c: balance.get(c, 0) / len(pu) for c in classes}, "samples": len(labels)}
+    label_support = bundle.spec.support_id("pixels/label")
+    out = {"classifier_heldout_accuracy": float((clf.predict(Xt) == yt).mean()), "real_confidence": float(clf.predict_proba(Xt).max(1).mean()),
+           "samples": len(labels)}
+    for name, w in (("no guidance", 0.0), (f"guidance {args.guidance:g}", args.guidance)):
+        opts = SamplerOptions(steps=args.steps, guidance=w, guidance_supports=(label_support,) if w > 0 else ())
+        t0 = time.perf_counter()
+        done = fill(bundle, image_records(adapter, len(labels), labels), opts, cli.generator(args.seed))
+        imgs = np.stack([r["image"].tokens.reshape(-1) for r in done.records]) / 255.0
+        pred, conf = clf.predict(imgs), clf.predict_proba(imgs).max(1)
+        out[name] = {"agreement": float((pred == np.array(labels)).mean()), "confidence": float(conf.mean()),
+                     "seconds": round(time.perf_counter() - t0, 1)}
+    return out
 
 
 def run(args) -> int:
-    if args.output:
-        cli.check_outputs([args.output], args.overwrite)
-    bundle = cli.open_bundle(args.model)
-    result = {"model": args.model, "step": bundle.info.get("step")}
-    for name, fn in (("impute", bench_impute), ("likelihood", bench_likelihood), ("images", bench_images)):
-        if name in args.only:
-            print(f"running {name} ...", file=sys.stderr, flush=True)
-            result[name] = fn(bundle, args)
+    outputs = [p for p in (args.output, args.markdown) if p]
+    cli.check_outputs(outputs, args.overwrite)
+    if ("likelihood" in args.only or "images" in args.only) and not args.model:
+        raise cli.UserError("--only likelihood / images need --model BUNDLE")
+    if not 0 < args.hide < 1:
+        raise cli.UserError(f"--hide {args.hide}: must be between 0 and 1")
+    sklearn()
+    result: dict = {}
+    if "tables" in args.only:
+        result["tables"] = []
+        for path in args.table or [ROOT / t for t in SHIPPED_TABLES]:
+            print(f"table {path} ...", file=sys.stderr, flush=True)
+            result["tables"].append(bench_table(Path(path), args))
+    if args.model:
+        bundle = cli.open_bundle(args.model)
+        result["model"] = {"path": args.model, "step": bundle.info.get("step")}
+        for name, fn in (("likelihood", bench_likelihood), ("images", bench_images)):
+            if name in args.only:
+                print(f"running {name} ...", file=sys.stderr, flush=True)
+                result[name] = fn(bundle, args)
     text = json.dumps(result, indent=1) + "\n"
+    if args.markdown and "tables" in result:
+        cli.write_text(args.markdown, tables_markdown(result["tables"]))
     cli.emit(text, args.output, text)
     return 0
 

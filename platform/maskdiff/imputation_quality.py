@@ -1,0 +1,106 @@
+"""Measuring imputation on held-back truth: hide observed cells, fill them, score the guesses.
+
+Used by the quality benchmark and the demo; the baselines a user would
+otherwise reach for (column mode / mean) live here too.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .tables import Table, read_table
+
+
+def hide_cells(table: Table, columns: Sequence[str], fraction: float, rng: np.random.Generator) -> list[tuple[int, int]]:
+    """Observed cells of ``columns`` chosen at random (each with prob ``fraction``), at least one per row."""
+    idx = [table.columns.index(c) for c in columns]
+    chosen = []
+    for r, row in enumerate(table.values):
+        observed = [c for c in idx if row[c] is not None]
+        pick = [c for c in observed if rng.random() < fraction] or ([int(rng.choice(observed))] if observed else [])
+        chosen.extend((r, c) for c in pick)
+    return chosen
+
+
+def with_hidden(table: Table, cells: Sequence[tuple[int, int]]) -> Table:
+    """A copy of ``table`` with ``cells`` emptied (values, and the raw text of a CSV table)."""
+    values = [list(row) for row in table.values]
+    raw = [(list(cells_), end) for cells_, end in table.raw]
+    for r, c in cells:
+        values[r][c] = None
+        if raw:
+            raw[r + 1][0][c] = ""
+    return Table(list(table.columns), values, table.kind, raw=raw, arrow=table.arrow)
+
+
+def score(truth: Table, cells: Sequence[tuple[int, int]], guesses: dict[tuple[int, int], Any], kinds: dict[str, str]) -> dict[str, dict[str, float]]:
+    """Per column: accuracy (categorical) or RMSE (numeric) of ``guesses`` at ``cells``; plus the overall figures."""
+    per: dict[str, list[tuple[Any, Any]]] = {}
+    for cell in cells:
+        per.setdefault(truth.columns[cell[1]], []).append((truth.values[cell[0]][cell[1]], guesses[cell]))
+    out: dict[str, dict[str, float]] = {}
+    hits = total = 0
+    sq: list[float] = []
+    for name, pairs in per.items():
+        if kinds[name] == "numeric":
+            err = np.array([float(a) - float(b) for a, b in pairs])
+            scale = float(np.std([float(a) for a, _ in pairs])) or 1.0
+            rmse = float(np.sqrt(np.mean(err**2)))
+            out[name] = {"rmse": rmse, "nrmse": rmse / scale, "cells": len(pairs)}
+            sq.extend((err / scale) ** 2)
+        else:
+            ok = sum(str(a).strip() == str(b).strip() for a, b in pairs)
+            out[name] = {"accuracy": ok / len(pairs), "cells": len(pairs)}
+            hits, total = hits + ok, total + len(pairs)
+    out["all"] = {"accuracy": hits / max(total, 1), "categorical_cells": total,
+                  "nrmse": float(np.sqrt(np.mean(sq))) if sq else None, "numeric_cells": len(sq)}
+    return out
+
+
+def consensus(draws: Sequence[dict[tuple[int, int], Any]], columns: Sequence[str], kinds: dict[str, str]) -> dict[tuple[int, int], Any]:
+    """Point estimate from multiple imputations: per cell, the most frequent draw
+    (categorical) or the mean of the draws (numeric). A single draw is a sample of the
+    conditional, so its accuracy is below that of the conditional's mode; compare
+    point-estimating baselines against this."""
+    out: dict[tuple[int, int], Any] = {}
+    for cell in draws[0]:
+        values = [d[cell] for d in draws]
+        if kinds[columns[cell[1]]] == "numeric":
+            out[cell] = float(np.mean([float(v) for v in values]))
+        else:
+            out[cell] = Counter(str(v).strip() for v in values).most_common(1)[0][0]
+    return out
+
+
+def mode_mean_baseline(train: Table, cells: Sequence[tuple[int, int]], kinds: dict[str, str]) -> dict[tuple[int, int], Any]:
+    """Each hidden cell guessed as its column's most frequent value (categorical) or mean (numeric) in ``train``."""
+    guess: dict[int, Any] = {}
+    for c in {c for _, c in cells}:
+        name = train.columns[c]
+        observed = [row[c] for row in train.values if row[c] is not None]
+        if kinds[name] == "numeric":
+            guess[c] = float(np.mean([float(v) for v in observed]))
+        else:
+            guess[c] = Counter(map(str, observed)).most_common(1)[0][0]
+    return {cell: guess[cell[1]] for cell in cells}
+
+
+def heldout_split(bundle) -> tuple[Table, Table]:
+    """(training rows, held-out rows) of the bundle's training table, by the trainer's split; raw text kept."""
+    from .generation import heldout_records
+
+    adapter = bundle.adapters["tabular"]
+    data = bundle.config.data
+    src = Path(data.build[data.sources["tabular"].dirs[0]].inputs[0])
+    na = [v.strip() for v in adapter.options["na_values"].split(",") if v.strip()]
+    full = read_table(src, adapter.options["delimiter"], na)
+    rows = sorted({int(r.meta["id"].rsplit("#", 1)[1]) for r in heldout_records(bundle, "tabular")[1]})
+    held = set(rows)
+    train = Table(full.columns, [v for i, v in enumerate(full.values) if i not in held], "csv",
+                  raw=[full.raw[0]] + [full.raw[i + 1] for i in range(full.num_rows) if i not in held])
+    test = Table(full.columns, [full.values[i] for i in rows], "csv", raw=[full.raw[0]] + [full.raw[i + 1] for i in rows])
+    return train, test

@@ -1,0 +1,144 @@
+"""Imputation: best guesses computed as documented, draws, consistency, and the one-command fit path."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from adapter_fixtures import scratch
+from tasks_fixtures import run_tool
+
+from maskdiff.adapters.tabular import TabularAdapter
+from maskdiff.imputation import impute
+from maskdiff.tables import Table, read_table
+from maskdiff.tokens import VocabSpec
+
+
+def toy_bundle(distribution):
+    """A bundle whose 'denoiser' returns ``distribution(x_t, spec)``: column x numeric (4 bins of 0..99), column c categorical."""
+    adapter = TabularAdapter(bins=4, max_categories=2)  # c keeps a and b; 'rare' goes to the other bucket
+    adapter.fit([{"x": float(v), "c": "ab"[v % 2] if v < 98 else "rare"} for v in range(100)])
+    spec = VocabSpec(adapter.supports())
+
+    class Oracle(torch.nn.Module):
+        time_conditioned = False
+
+        def forward(self, x_t, batch, t=None):
+            return distribution(x_t, spec).log().expand(x_t.shape[0], -1, -1)
+
+    return SimpleNamespace(adapters={"tabular": adapter}, spec=spec, denoiser=Oracle())
+
+
+def probs(spec, x=None, c=None):
+    """(1, 2, V) probabilities: column x over its 4 bins, column c over (a, b, other)."""
+    p = torch.full((1, 2, spec.num_clean), 1e-12, dtype=torch.float64)
+    for j, (name, dist) in enumerate((("x", x), ("c", c))):
+        r = spec.id_range(f"tabular/col:{name}")
+        p[0, j, r.start : r.stop] = torch.tensor(dist if dist is not None else [1.0 / len(r)] * len(r), dtype=torch.float64)
+    return p
+
+
+def test_numeric_best_guess_is_the_posterior_mean_over_bin_means_and_other_is_never_written():
+    bin_p, c_p = [0.1, 0.2, 0.3, 0.4], [0.3, 0.2, 0.5]  # 'other' is the most probable category here
+    bundle = toy_bundle(lambda x_t, spec: probs(spec, bin_p, c_p))
+    adapter = bundle.adapters["tabular"]
+    means = [np.mean(np.arange(100)[np.arange(100) // 25 == b]) for b in range(4)]  # quantile bins of 0..99
+    assert np.allclose(adapter.columns["x"].means, means)
+    table = Table(["x", "c"], [[None, None], [5.0, "a"]], "frame")
+    imp = impute(bundle, table)
+    assert imp.draws[0][(0, 0)] == pytest.approx(sum(p * m for p, m in zip(bin_p, means)))
+    assert imp.draws[0][(0, 1)] == "a"  # the best real category, not the 'other' bucket
+    assert (1, 0) not in imp.draws[0] and (1, 1) not in imp.draws[0]  # observed cells untouched
+    draws = impute(bundle, Table(["x", "c"], [[3.0, None]] * 400, "frame"), draws=1, seed=1).draws[0]
+    share = np.mean([v == "a" for v in draws.values()])
+    assert set(draws.values()) == {"a", "b"} and abs(share - 0.3 / 0.5) < 0.08  # drawn from p renormalised without 'other'
+
+
+def test_cells_missing_together_are_filled_most_confident_first_and_conditioned_on_it():
+    def dist(x_t, spec):
+        r = spec.id_range("tabular/col:x")
+        x_known = bool((x_t[0, 0] != spec.mask_id).item()) if x_t.shape[0] else False
+        top_bin = x_known and int(x_t[0, 0]) - r.start == 3
+        # x is sure to be in the top bin; c depends on x: a when x is unknown, b once x is known to be high
+        return probs(spec, [0.01, 0.01, 0.03, 0.95], [0.05, 0.9, 0.05] if top_bin else [0.6, 0.35, 0.05])
+
+    bundle = toy_bundle(dist)
+    imp = impute(bundle, Table(["x", "c"], [[None, None]], "frame"))
+    assert imp.draws[0][(0, 1)] == "b"  # predicted after x was committed, not from the marginal (which says a)
+    assert imp.confidence[(0, 0)] == pytest.approx(0.95) and imp.confidence[(0, 1)] == pytest.approx(0.9 / 0.95)
+    assert imp.network_calls == 2
+
+
+def synthetic_table(path, rows: int = 240, seed: int = 0):
+    """Column b is a function of column a, n is 10 x a's index plus noise, z is unrelated noise."""
+    rng = np.random.default_rng(seed)
+    letters, image = "pqrs", dict(zip("pqrs", "wxyz"))
+    a = rng.integers(0, 4, rows)
+    n = a * 10.0 + rng.normal(0, 1, rows)
+    lines = ["a,b,n,z"] + [f"{letters[i]},{image[letters[i]]},{v:.3f},{rng.normal():.3f}" for i, v in zip(a, n)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.slow
+def test_fit_and_impute_in_one_command_learns_a_dependency(capsys):
+    tmp = scratch("fit-impute")
+    truth = read_table(synthetic_table(tmp / "truth.csv"))
+    hide = np.random.default_rng(1).random((truth.num_rows, 2)) < 0.25
+    lines = (tmp / "truth.csv").read_text().splitlines()
+    masked = [lines[0]]
+    for r, line in enumerate(lines[1:]):
+        cells = line.split(",")
+        cells[1] = "" if hide[r, 0] else cells[1]
+        cells[2] = "" if hide[r, 1] else cells[2]
+        masked.append(",".join(cells))
+    (tmp / "in.csv").write_text("\n".join(masked) + "\n")
+    code, out, err = run_tool(capsys, "impute", "--input", tmp / "in.csv", "--output", tmp / "out.csv", "--minutes", 1,
+                              "--run-dir", tmp / "run", "--no-progress")
+    assert code == 0, err
+    assert f"--model {tmp / 'run' / 'model' / 'bundle'}" in err and (tmp / "run" / "model" / "config.yaml").is_file()
+    filled = read_table(tmp / "out.csv")
+    b_hits = [filled.values[r][1] == truth.values[r][1] for r in range(truth.num_rows) if hide[r, 0]]
+    n_err = [float(filled.values[r][2]) - float(truth.values[r][2]) for r in range(truth.num_rows) if hide[r, 1]]
+    n_sd = np.std([float(v[2]) for v in truth.values])
+    assert np.mean(b_hits) > 0.9  # the marginal (mode) gets about a quarter
+    assert math.sqrt(np.mean(np.square(n_err))) / n_sd < 0.5  # the column mean gets 1.0
+    for r, line in enumerate(masked[1:]):  # observed cells are written back byte for byte
+        assert all(x == y for x, y in zip(line.split(","), (tmp / "out.csv").read_text().splitlines()[r + 1].split(",")) if x)
+    # the fitted model is reused with --model, and draws give K tables and the uncertainty file
+    code, out, err = run_tool(capsys, "impute", "--model", tmp / "run" / "model" / "bundle", "--input", tmp / "in.csv",
+                              "--output", tmp / "d.csv", "--draws", 2, "--no-progress")
+    assert code == 0, err
+    assert sorted(p.name for p in tmp.glob("d-*")) == ["d-1.csv", "d-2.csv", "d-uncertainty.csv"]
+
+
+def test_fit_path_refuses_bad_tables_with_one_line(capsys):
+    tmp = scratch("fit-bad")
+    (tmp / "small.csv").write_text("a,b\n" + "".join(f"{i},{i % 3 or ''}\n" for i in range(10)))
+    code, _, err = run_tool(capsys, "impute", "--input", tmp / "small.csv", "--output", tmp / "o.csv", "--run-dir", tmp / "r1")
+    assert code == 2 and "at least 30 are needed" in err and len(err.strip().splitlines()) == 1 and not (tmp / "o.csv").exists()
+    (tmp / "full.csv").write_text("a,b\n1,2\n3,4\n")
+    code, out, err = run_tool(capsys, "impute", "--input", tmp / "full.csv", "--output", tmp / "f.csv")
+    assert code == 0 and "no cell is missing" in out and (tmp / "f.csv").read_bytes() == (tmp / "full.csv").read_bytes()
+    (tmp / "latin1.csv").write_bytes("a,b\ncaf\xe9,\n".encode("latin-1"))
+    code, _, err = run_tool(capsys, "impute", "--input", tmp / "latin1.csv", "--output", tmp / "l.csv")
+    assert code == 2 and "not a UTF-8 CSV" in err
+    (tmp / "ragged.csv").write_text("a,b\n1,\n1,2,3\n")
+    code, _, err = run_tool(capsys, "impute", "--input", tmp / "ragged.csv", "--output", tmp / "g.csv")
+    assert code == 2 and "line 3 has 3 cells" in err
+
+
+def test_free_text_dates_and_empty_columns_are_passed_through():
+    rows = [{"name": f"person {i}", "day": f"2024-01-{i % 28 + 1:02d}", "empty": None, "kind": "xy"[i % 2], "n": str(i % 7)} for i in range(300)]
+    adapter = TabularAdapter()
+    adapter.fit(rows)
+    assert list(adapter.columns) == ["kind", "n"]
+    assert set(adapter.passthrough) == {"name", "day", "empty"} and "free text" in adapter.passthrough["name"]
+    assert adapter.passthrough["day"] == "dates"
+    again = TabularAdapter.from_state(adapter.state())
+    assert again.passthrough == adapter.passthrough and list(again.columns) == ["kind", "n"]
+    with pytest.raises(Exception, match="not a finite number"):
+        adapter.encode({"kind": "x", "n": "inf"})
