@@ -170,7 +170,7 @@ def test_overwrite_rules_and_interrupted_runs(monkeypatch):
     calls["n"] = 0
     with pytest.raises(KeyboardInterrupt):
         write_shards("tabular", [PENGUINS], root / "fresh", shard_size=20, progress=False)
-    assert list((root / "fresh").iterdir()) == []
+    assert not (root / "fresh").exists()  # a failed run leaves no empty output folder behind
     monkeypatch.setattr(TabularAdapter, "encode_many", real)
     second = write_shards("tabular", [PENGUINS], out, shard_size=200, overwrite=True, progress=False)
     assert sorted(p.name for p in out.glob("*.tar")) == [s["file"] for s in second["shards"]] == ["tabular-000000.tar", "tabular-000001.tar"]
@@ -209,3 +209,135 @@ def test_rejects_reconcile_for_hand_made_bad_inputs():
     assert (m["records_in"], m["records_written"], m["records_rejected"]) == (5, 3, 2)
     assert [r["id"].rsplit(":", 1)[1] for r in rejects] == ["3", "4"] and all("ragged" in r["reason"] for r in rejects)
     assert sum(isinstance(i, Rejected) for i in TabularAdapter().read([root / "bad.csv"])) == 2
+
+
+# --- manifests and shards that lie, escape or are damaged -------------------------------------
+
+
+def _penguin_copy(name):
+    dst = scratch(f"lies-{name}") / "tab"
+    shutil.copytree(built("tabular")[0], dst)
+    return dst
+
+
+def _edit_manifest(d, change):
+    m = json.loads((d / MANIFEST).read_text())
+    change(m)
+    (d / MANIFEST).write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize("key", ["modality", "records_in", "adapter", "vocab", "shards", "samples_written"])
+def test_manifest_missing_a_key_is_one_line(key):
+    d = _penguin_copy(f"missing-{key}")
+    _edit_manifest(d, lambda m: m.pop(key))
+    with pytest.raises(ShardError, match=f"key '{key}'") as exc:
+        ShardSet(d)
+    assert "\n" not in str(exc.value)
+
+
+@pytest.mark.parametrize("name", ["../outside.tar", "/etc/passwd", "sub/x.tar", "..", ""])
+def test_manifest_shard_paths_stay_inside_the_directory(name):
+    d = _penguin_copy("escape")
+    outside = d.parent / "outside.tar"
+    shutil.copy(d / "tabular-000000.tar", outside)
+
+    def point_outside(m):
+        m["shards"][0]["file"] = name
+    _edit_manifest(d, point_outside)
+    with pytest.raises(ShardError, match=r"shards\[0\]\.file.*must be a file name inside"):
+        ShardSet(d)
+
+
+def test_a_manifest_that_lies_about_a_record_count_is_caught_on_read():
+    d = _penguin_copy("count")
+
+    def lie(m):
+        m["shards"][0]["records"] += 1
+        m["samples_written"] += 1
+        m["records_written"] += 1
+        m["records_in"] += 1
+    _edit_manifest(d, lie)
+    with pytest.raises(ShardError, match="its manifest says"):
+        list(ShardSet(d))
+
+
+def _plant_record(d, fields, meta=None):
+    """Replace the first shard by one record with ``fields`` ([name, support, tokens]), resealed in the manifest."""
+    import io
+    import webdataset as wds
+
+    buf = io.BytesIO()
+    np.save(buf, np.concatenate([np.asarray(t, dtype=np.int16).reshape(-1) for _, _, t in fields]), allow_pickle=False)
+    header = {"fields": [[n, s, [len(t)]] for n, s, t in fields], "meta": meta or {"id": "planted"}}
+    path = d / "tabular-000000.tar"
+    with open(path, "wb") as f:
+        w = wds.TarWriter(f, encoder=False, mtime=0)
+        w.write({"__key__": "0000000000", "tokens.npy": buf.getvalue(), "json": json.dumps(header).encode()})
+        w.close()
+
+    def reseal(m):
+        old = m["shards"][0]["records"]
+        m["shards"][0].update(records=1, sha256=sha256_file(path), bytes=path.stat().st_size)
+        for key in ("samples_written", "records_written", "records_in"):
+            m[key] -= old - 1
+    _edit_manifest(d, reseal)
+
+
+def test_out_of_range_ids_and_unknown_supports_in_a_shard():
+    d = _penguin_copy("ids")
+    m = load_manifest(d)
+    support = m["vocab"]["supports"][0]
+    _plant_record(d, [["x", support["name"], [support["size"]]]])
+    with pytest.raises(ShardError, match="holds ids outside"):
+        list(ShardSet(d))
+    _plant_record(d, [["x", "tabular/col:nope", [0]]])
+    with pytest.raises(ShardError, match="'tabular/col:nope' is not in the manifest's vocabulary"):
+        list(ShardSet(d))
+
+
+def test_garbage_record_header_is_one_line():
+    d = _penguin_copy("header")
+    _plant_record(d, [["x", "tabular/col:species", [0]]], meta=["not", "a", "dict"])
+    with pytest.raises(ShardError, match="unreadable shard"):
+        list(ShardSet(d))
+
+
+# --- --overwrite swaps whole data sets ---------------------------------------------------------
+
+
+def test_overwrite_swaps_so_one_complete_data_set_is_always_there(monkeypatch):
+    from maskdiff import shards as shards_mod
+
+    out = scratch("swap") / "tab"
+    first = write_shards("tabular", [PENGUINS], out, shard_size=50, progress=False)
+    (out / "NOTES.md").write_text("mine")
+    seen = []
+    real = shards_mod._exchange
+
+    def observed(stage, target):
+        seen.append((load_manifest(target)["shards"] == first["shards"], len(list(ShardSet(stage))) == first["samples_written"]))
+        done = real(stage, target)
+        seen.append((len(list(ShardSet(target))) == first["samples_written"], done))
+        return done
+
+    monkeypatch.setattr(shards_mod, "_exchange", observed)
+    second = write_shards("tabular", [PENGUINS], out, shard_size=200, overwrite=True, progress=False)
+    assert seen == [(True, True), (True, True)]  # before: the old set complete and the new one staged complete; after: the new one
+    assert load_manifest(out) == second and (out / "NOTES.md").read_text() == "mine"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["tab"]  # the old set is gone, no staging left
+
+
+def test_failed_overwrite_keeps_the_old_data_set(monkeypatch):
+    from maskdiff.adapters import Reject
+
+    out = scratch("swap-fail") / "tab"
+    first = write_shards("tabular", [PENGUINS], out, shard_size=50, progress=False)
+
+    def refuse(self, raw):
+        raise Reject("planted refusal")
+
+    monkeypatch.setattr(TabularAdapter, "encode_many", refuse)
+    with pytest.raises(ShardError, match="planted refusal.*shards already in .* are kept"):
+        write_shards("tabular", [PENGUINS], out, overwrite=True, progress=False)
+    assert load_manifest(out) == first and len(list(ShardSet(out))) == first["samples_written"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["tab"]

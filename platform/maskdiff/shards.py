@@ -32,8 +32,9 @@ import sys
 import tarfile
 import time
 import uuid
-from pathlib import Path
 from collections import Counter
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -42,7 +43,7 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from maskdiff.adapters import Adapter, InputError, Reject, Rejected, adapter_class, adapter_from_state
-from maskdiff.tokens import Field, Record, VocabMismatchError, VocabSpec
+from maskdiff.tokens import MISSING, MODALITIES, Field, Record, VocabMismatchError, VocabSpec
 
 FORMAT, VERSION = "maskdiff-shards", 1
 MANIFEST, REJECTS = "manifest.json", "rejects.jsonl"
@@ -63,6 +64,22 @@ def progress_enabled(progress: bool | None = None) -> bool:
     if progress is not None:
         return progress
     return sys.stderr.isatty() and not os.environ.get("CI")
+
+
+@contextmanager
+def _reading(adapter: Adapter, inputs: Sequence[str | Path], show: bool, **kw: Any) -> Iterator[Any]:
+    """The adapter's raw items (behind a progress bar); on any exit the bar and the reader are closed,
+    so no reader thread (e.g. Arrow's CSV read-ahead) outlives the run and aborts the interpreter at exit."""
+    items = adapter.read(inputs)
+    bar = _bar(items, show, **kw)
+    try:
+        yield bar
+    finally:
+        if bar is not items:
+            bar.close()
+        close = getattr(items, "close", None)
+        if close is not None:
+            close()
 
 
 def _bar(iterable: Any, enabled: bool, **kw: Any) -> Any:
@@ -106,24 +123,38 @@ def write_shards(
     if "/" in name or name.startswith("."):
         raise ShardError(f"--name {name!r}: must be a plain file name prefix")
     adapter = _make_adapter(modality, max_len, state_from, adapter_options)
+    created = not out.exists()
     _check_output(out, overwrite)
-    show = progress_enabled(progress)
+    try:
+        return _write(adapter, modality, inputs, out, name, shard_size, overwrite, progress_enabled(progress))
+    except BaseException:
+        if created and not [p for p in out.iterdir() if not p.name.startswith(STAGING_PREFIX)]:
+            shutil.rmtree(out, ignore_errors=True)  # a failed run leaves no empty output folder behind
+        raise
 
+
+def _write(adapter: Adapter, modality: str, inputs: Sequence[str | Path], out: Path, name: str, shard_size: int, overwrite: bool,
+           show: bool) -> dict[str, Any]:
+    """Fit, encode into a staging folder, then move into place (replacing a data set: swap the whole directory)."""
+    replacing = overwrite and (out / MANIFEST).exists()
     if adapter.needs_fit:
-        items = _bar(adapter.read(inputs), show, desc=f"fit {modality}", unit=" rec")
-        adapter.fit(raw for item in items if not isinstance(item, Rejected) for raw in [item[1]])
+        with _reading(adapter, inputs, show, desc=f"fit {modality}", unit=" rec") as items:
+            adapter.fit(raw for item in items if not isinstance(item, Rejected) for raw in [item[1]])
     spec = VocabSpec(adapter.supports())
     dtype = np.int16 if max(s.size for s in spec.supports) <= np.iinfo(np.int16).max else np.int32
-
-    stage = out / f"{STAGING_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tag = f"{STAGING_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    stage = out.parent / f".{out.name}{tag}" if replacing else out / tag
     try:
         stage.mkdir()
     except OSError as e:
-        raise ShardError(f"{out}: cannot write there ({e.strerror or e})") from None
+        raise ShardError(f"{stage.parent}: cannot write there ({e.strerror or e})") from None
     try:
         counts, shards = _encode_all(adapter, inputs, stage, name, shard_size, dtype, show)
         if counts["records_written"] == 0:
-            _move_into_place(stage, out, [REJECTS], overwrite)
+            if replacing:
+                raise ShardError(f"{inputs[0]}: no record could be encoded ({counts['records_rejected']} rejected, e.g. "
+                                 f"{_first_reject(stage)}); the shards already in {out} are kept")
+            _move_into_place(stage, out, [REJECTS], False)
             raise ShardError(f"{inputs[0]}: no record could be encoded ({counts['records_rejected']} rejected; reasons in {out / REJECTS})")
         state = adapter.state(stage)
         manifest = {
@@ -140,15 +171,74 @@ def write_shards(
             "rejects": REJECTS,
             "shards": shards,
         }
+        if replacing:
+            _write_manifest(stage, manifest)
+            _swap(stage, out)
+            return manifest
         files = [s["file"] for s in shards] + [REJECTS] + [p.name for p in stage.iterdir() if p.name not in {s["file"] for s in shards} | {REJECTS}]
         _move_into_place(stage, out, files, overwrite)
-        tmp = out / f"{STAGING_PREFIX}{MANIFEST}.{uuid.uuid4().hex[:8]}"
-        tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-        _fsync(tmp)
-        os.replace(tmp, out / MANIFEST)
+        _write_manifest(out, manifest)
         return manifest
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def _write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
+    tmp = directory / f"{STAGING_PREFIX}{MANIFEST}.{uuid.uuid4().hex[:8]}"
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    _fsync(tmp)
+    os.replace(tmp, directory / MANIFEST)
+    _fsync_dir(directory)
+
+
+def _first_reject(stage: Path) -> str:
+    try:
+        with open(stage / REJECTS, encoding="utf-8") as f:
+            first = json.loads(f.readline())
+        return f"{first['id']}: {first['reason']}"
+    except (OSError, ValueError, KeyError):
+        return "see the input"
+
+
+def _swap(stage: Path, out: Path) -> None:
+    """Put the complete new data set in ``stage`` at ``out``, keeping what else ``out`` holds.
+
+    Files the old manifest does not list are copied over first; then the two
+    directories are exchanged in one ``renameat2(RENAME_EXCHANGE)``, so a
+    complete data set is at ``out`` at every instant (where the kernel cannot
+    exchange, two renames leave a moment with ``out`` absent and both sets on
+    disk). ``stage`` then holds the old set and is removed by the caller.
+    """
+    ours = set(_listed_files(out / MANIFEST)) | {MANIFEST}
+    for p in out.iterdir():
+        if p.name in ours or p.suffix == ".tar" or STAGING_PREFIX in p.name or (stage / p.name).exists():
+            continue
+        shutil.copytree(p, stage / p.name, symlinks=True) if p.is_dir() and not p.is_symlink() else shutil.copy2(p, stage / p.name, follow_symlinks=False)
+    _fsync_dir(stage)
+    if not _exchange(stage, out):
+        old = out.parent / f".{out.name}{STAGING_PREFIX}{os.getpid()}-old"
+        os.replace(out, old)
+        os.replace(stage, out)
+        os.replace(old, stage)
+    _fsync_dir(out.parent)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically exchange two paths (Linux ``renameat2``); False where that is not available."""
+    import ctypes
+    import errno
+
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EPERM):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
 
 
 def _make_adapter(modality: str, max_len: int | None, state_from: str | Path | None, options: dict[str, Any]) -> Adapter:
@@ -174,6 +264,9 @@ def _make_adapter(modality: str, max_len: int | None, state_from: str | Path | N
 
 
 def _check_output(out: Path, overwrite: bool) -> None:
+    for old in out.parent.glob(f".{out.name}{STAGING_PREFIX}*-old"):  # a swap killed between its two renames
+        if not out.exists() and not _staging_alive(old):
+            os.replace(old, out)
     if out.exists() and not out.is_dir():
         raise ShardError(f"{out}: exists and is not a folder")
     if out.is_dir():
@@ -186,7 +279,7 @@ def _check_output(out: Path, overwrite: bool) -> None:
         raise ShardError(f"{out}: cannot create the output folder ({e.strerror or e})") from None
     if not os.access(out, os.W_OK | os.X_OK):
         raise ShardError(f"{out}: output folder is not writable")
-    for p in out.glob(f"{STAGING_PREFIX}*"):  # left behind by killed runs
+    for p in [*out.glob(f"{STAGING_PREFIX}*"), *out.parent.glob(f".{out.name}{STAGING_PREFIX}*")]:  # left behind by killed runs
         if not _staging_alive(p):
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
@@ -195,8 +288,8 @@ def _encode_all(adapter: Adapter, inputs: Sequence[str | Path], stage: Path, nam
     counts = {"records_in": 0, "records_written": 0, "records_rejected": 0, "samples_written": 0}
     shards: list[dict[str, Any]] = []
     writer: _ShardFile | None = None
-    with open(stage / REJECTS, "w", encoding="utf-8") as rejects:
-        for item in _bar(adapter.read(inputs), show, desc=f"shard {adapter.modality}", unit=" rec"):
+    with open(stage / REJECTS, "w", encoding="utf-8") as rejects, _reading(adapter, inputs, show, desc=f"shard {adapter.modality}", unit=" rec") as items:
+        for item in items:
             counts["records_in"] += 1
             if isinstance(item, Rejected):
                 rid, reason = item.id, item.reason
@@ -278,7 +371,7 @@ def _listed_files(manifest_path: Path) -> list[str]:
 
 def _staging_alive(p: Path) -> bool:
     try:
-        pid = int(p.name[len(STAGING_PREFIX):].split("-")[0])
+        pid = int(p.name.split(STAGING_PREFIX, 1)[1].split("-")[0])
         os.kill(pid, 0)
         return True
     except (ValueError, ProcessLookupError):
@@ -322,16 +415,61 @@ def load_manifest(directory: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ShardError(f"{directory}: no {MANIFEST} (not a shard directory, or its writing did not finish)")
     try:
-        m = json.loads(path.read_text())
-    except ValueError as e:
-        raise ShardError(f"{path}: not valid JSON ({e})") from None
-    if m.get("format") != FORMAT or m.get("version") != VERSION:
+        m = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ShardError(f"{path}: not valid JSON ({str(e).splitlines()[0][:120]})") from None
+    if not isinstance(m, dict) or m.get("format") != FORMAT or m.get("version") != VERSION:
         raise ShardError(f"{path}: not a {FORMAT} v{VERSION} manifest")
+    _check_manifest(path, m)
     if m["records_in"] != m["records_written"] + m["records_rejected"]:
         raise ShardError(f"{path}: counts do not reconcile: records_in {m['records_in']} != written {m['records_written']} + rejected {m['records_rejected']}")
     if sum(s["records"] for s in m["shards"]) != m["samples_written"]:
         raise ShardError(f"{path}: shard record counts do not add up to samples_written {m['samples_written']}")
     return m
+
+
+def _check_manifest(path: Path, m: dict[str, Any]) -> None:
+    """Every key readers use is there with the right type; shard files are plain names inside the directory."""
+    def need(ok: bool, key: str, what: str) -> None:
+        if not ok:
+            raise ShardError(f"{path}: key '{key}' {what}")
+
+    count = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0  # noqa: E731
+    need(m.get("modality") in MODALITIES, "modality", f"must be one of {', '.join(MODALITIES)}")
+    for key in ("records_in", "records_written", "records_rejected", "samples_written"):
+        need(count(m.get(key)), key, "is missing or not a count")
+    adapter = m.get("adapter")
+    need(isinstance(adapter, dict) and isinstance(adapter.get("state"), dict) and isinstance(adapter.get("fingerprint"), str),
+         "adapter", "is missing its state or fingerprint")
+    vocab = m.get("vocab")
+    need(isinstance(vocab, dict) and isinstance(vocab.get("supports"), list), "vocab", "is missing its supports")
+    shards = m.get("shards")
+    need(isinstance(shards, list), "shards", "is missing or not a list")
+    for i, entry in enumerate(shards):
+        where = f"shards[{i}]"
+        need(isinstance(entry, dict) and count(entry.get("records")) and isinstance(entry.get("sha256"), str), where, "needs file, records and sha256")
+        name = entry.get("file")
+        need(isinstance(name, str) and name not in ("", ".", "..") and Path(name).name == name and "\\" not in name, f"{where}.file",
+             f"must be a file name inside {path.parent}, got {name!r}")
+
+
+def _vocab_of(path: Path, m: dict[str, Any]) -> VocabSpec:
+    try:
+        return VocabSpec.from_dict(m["vocab"])
+    except VocabMismatchError:
+        raise
+    except (KeyError, TypeError, ValueError) as e:
+        raise ShardError(f"{path}: key 'vocab' is not a vocabulary spec ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})") from None
+
+
+def _check_record(path: Path, rec: Record, sizes: dict[str, int]) -> None:
+    """Each field's support is in the directory's vocabulary and its ids within that support (or missing)."""
+    for f in rec.fields:
+        size = sizes.get(f.support)
+        if size is None:
+            raise ShardError(f"{path}: record {rec.meta.get('id')!r}: support {f.support!r} is not in the manifest's vocabulary")
+        if f.tokens.size and (int(f.tokens.min()) < MISSING or int(f.tokens.max()) >= size):
+            raise ShardError(f"{path}: record {rec.meta.get('id')!r}: field {f.name!r} holds ids outside 0..{size - 1}")
 
 
 def decode_sample(sample: dict[str, Any]) -> Record:
@@ -380,16 +518,18 @@ class ShardSet(IterableDataset):
             raise ShardError("no shard directory given")
         self.manifests = [load_manifest(d) for d in self.dirs]
         self.adapters: dict[str, Adapter] = {}
+        self.sizes: dict[Path, dict[str, int]] = {}
         fingerprints: dict[str, tuple[str, Path]] = {}
         spec: VocabSpec | None = None
         for d, m in zip(self.dirs, self.manifests):
             mod, fp = m["modality"], m["adapter"]["fingerprint"]
             if mod in fingerprints and fingerprints[mod][0] != fp:
                 raise VocabMismatchError(f"{d}: its {mod} adapter state differs from that of {fingerprints[mod][1]}; shard it with --state-from {fingerprints[mod][1]}")
-            own = VocabSpec.from_dict(m["vocab"])
+            own = _vocab_of(d / MANIFEST, m)
+            self.sizes[d] = {sup.name: sup.size for sup in own.supports}
             if mod not in self.adapters:
                 fingerprints[mod] = (fp, d)
-                self.adapters[mod] = adapter_from_state(m["adapter"]["state"], d)
+                self.adapters[mod] = _adapter_of(d, m)
                 VocabSpec(self.adapters[mod].supports()).check_same(own, where=f"{d / MANIFEST}")
             spec = own if spec is None else spec.merged(own)
         assert spec is not None
@@ -455,13 +595,26 @@ class ShardSet(IterableDataset):
             members = ({**m, "__url__": str(path)} for m in wds.tariterators.tar_file_iterator(io.BytesIO(data)))
             for sample in wds.tariterators.group_by_keys(members):
                 rec = decode_sample(sample)
+                _check_record(path, rec, self.sizes[d])
                 rec.meta["modality"] = modality
                 count += 1
                 yield rec
-        except (tarfile.TarError, KeyError, ValueError) as e:
-            raise ShardError(f"{path}: unreadable shard ({e})") from None
+        except (tarfile.TarError, KeyError, ValueError, TypeError, AttributeError, EOFError) as e:
+            raise ShardError(f"{path}: unreadable shard ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})") from None
         if count != entry["records"]:
             raise ShardError(f"{path}: holds {count} records, its manifest says {entry['records']}")
+
+
+def _adapter_of(d: Path, m: dict[str, Any]) -> Adapter:
+    state = m["adapter"]["state"]
+    if state.get("modality") != m["modality"]:
+        raise ShardError(f"{d / MANIFEST}: the adapter state is not that of a {m['modality']} adapter")
+    try:
+        return adapter_from_state(state, d)
+    except InputError:
+        raise
+    except Exception as e:  # a damaged state fails in each adapter's own way
+        raise ShardError(f"{d / MANIFEST}: cannot rebuild the {m['modality']} adapter ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})") from None
 
 
 def field_lengths(records: Iterable[Record]) -> dict[str, dict[int, int]]:
