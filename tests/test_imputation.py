@@ -142,3 +142,31 @@ def test_free_text_dates_and_empty_columns_are_passed_through():
     assert again.passthrough == adapter.passthrough and list(again.columns) == ["kind", "n"]
     with pytest.raises(Exception, match="not a finite number"):
         adapter.encode({"kind": "x", "n": "inf"})
+
+
+@pytest.mark.slow
+def test_scikit_learn_imputer_in_a_pipeline():
+    pd = pytest.importorskip("pandas")
+    pipeline = pytest.importorskip("sklearn.pipeline")
+    from sklearn.base import clone
+
+    from maskdiff.imputer import MaskdiffImputer
+
+    tmp = scratch("sk-imputer")
+    truth = pd.read_csv(synthetic_table(tmp / "t.csv", rows=200, seed=2))
+    frame = truth.copy()
+    hide = np.random.default_rng(3).random(len(frame)) < 0.25
+    frame.loc[hide, "b"] = None
+    frame.loc[~hide & (np.arange(len(frame)) % 5 == 0), "n"] = np.nan
+    imputer = MaskdiffImputer(minutes=0.5, seed=1)
+    assert clone(imputer).get_params() == imputer.get_params()
+    filled = pipeline.make_pipeline(imputer).fit_transform(frame)
+    assert isinstance(filled, pd.DataFrame) and not filled.isna().any().any()
+    assert (filled.loc[hide, "b"] == truth.loc[hide, "b"]).mean() > 0.8
+    observed = frame.notna()
+    assert filled.where(observed).equals(frame.where(observed))  # observed cells unchanged
+    arr = frame[["n", "z"]].to_numpy()
+    out = imputer.transform(frame)  # the fitted model is reused
+    assert out.shape == frame.shape and imputer.n_features_in_ == 4
+    with pytest.raises(ValueError, match="columns"):
+        imputer.transform(arr)

@@ -2,16 +2,18 @@
 """The whole pipeline on the shipped data, end to end, with a report to look at.
 
 Shards all four modalities (text, MNIST digits, proteins, the adult table),
-trains the joint model of configs/joint.yaml, then samples an image grid
-(class-conditional) and an inpainting, imputes held-back cells of held-out
-table rows and scores them against a mode/mean baseline, generates and
-infills proteins, infills and continues text, evaluates the ELBO on held-out
-data against a unigram baseline, and writes OUT/report.md with the pictures,
-loss curves and tables. About 10-15 minutes on a 2-core CPU.
+trains the joint model of configs/joint.yaml, and beside it a model for each
+headline task: a class-conditional digit model (configs/pixels.yaml) and a
+model of the adult table fitted by the one-command imputation path. Then it
+samples class-conditional digits (with guidance) and an inpainting, hides 20%
+of the table's cells and fills them (scored against the column mode / mean),
+generates and infills proteins, infills and continues text, evaluates the
+ELBO on held-out data against a unigram baseline, and writes OUT/report.md
+with the pictures, loss curves and tables. About 25 minutes on a 2-core CPU.
 
 examples:
   python tools/demo.py                      # everything, into outputs/ (run in runs/demo)
-  python tools/demo.py --steps 200          # a shorter training run
+  python tools/demo.py --steps 200 --pixels-steps 300 --impute-minutes 1   # a quick look
   python tools/demo.py --reuse              # keep runs/demo's trained bundle, redo the rest
 
 Each stage prints the equivalent tools/*.py command. The demo owns OUT and
@@ -46,6 +48,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--run-dir", default="runs/demo", help="training run directory (default runs/demo)")
     p.add_argument("--config", default="configs/joint.yaml", help="run configuration (default configs/joint.yaml)")
     p.add_argument("--steps", type=int, default=1000, help="training steps (default 1000, about 8 minutes on 2 cores)")
+    p.add_argument("--pixels-steps", type=int, default=2000, help="digit model training steps (default 2000, about 10 minutes)")
+    p.add_argument("--impute-minutes", type=float, default=3.0, help="budget of the table model's fit and fill (default 3)")
     p.add_argument("--reuse", action="store_true", help="reuse the bundle in --run-dir if there is one instead of training")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     return p.parse_args(argv)
@@ -92,59 +96,64 @@ class Stages:
         return _T()
 
 
-def train(args, st: Stages) -> Path:
-    bundle = Path(args.run_dir) / "bundle"
+def train(args, config: str, run_dir: Path, steps: int) -> Path:
+    bundle = run_dir / "bundle"
     if args.reuse and (bundle / "bundle.json").is_file():
         log(f"reusing {bundle}")
         return bundle
-    cmd = [sys.executable, str(TOOLS / "train.py"), "--config", args.config, "--overwrite", "--no-progress", f"run_dir={args.run_dir}",
-           f"train.steps={args.steps}", f"train.checkpoint_every={args.steps}", f"train.eval_every={max(25, args.steps // 5)}",
-           f"train.log_every={max(10, args.steps // 25)}"]
+    cmd = [sys.executable, str(TOOLS / "train.py"), "--config", config, "--overwrite", "--no-progress", f"run_dir={run_dir}",
+           f"train.steps={steps}", f"train.checkpoint_every={steps}", f"train.eval_every={max(25, steps // 5)}",
+           f"train.log_every={max(10, steps // 25)}"]
     log("$ " + shlex.join(["python", *cmd[1:]]))
     if subprocess.run(cmd, cwd=ROOT).returncode != 0:
         raise SystemExit(1)
     return bundle
 
 
-def images(args, st: Stages, model: Path, out: Path, bundle) -> dict:
+def images(args, st: Stages, model: Path, joint: Path, out: Path, bundle) -> dict:
     from PIL import Image
 
     from maskdiff.generation import heldout_records
 
     labels = bundle.adapters["pixels"].labels
     classes = labels.categories[:10] if labels else []
-    grid = out / "images" / "grid.png"
-    st.tool("sample", "--model", model, "--num", 4 * max(1, len(classes)), *(["--label", *classes] if classes else []), "--steps", 48,
-            "--seed", args.seed, "--output", grid, "--no-progress", "--overwrite")
+    grids = {}
+    for name, path, guidance in (("grid", model, 2.0), ("joint-grid", joint, 0.0)):
+        grids[name] = out / "images" / f"{name}.png"
+        st.tool("sample", "--model", path, "--num", 4 * max(1, len(classes)), *(["--label", *classes] if classes else []), "--steps", 64,
+                "--guidance", guidance, "--seed", args.seed, "--output", grids[name], "--no-progress", "--overwrite")
     _, test = heldout_records(bundle, "pixels")
     real = out / "images" / "heldout.png"
     Image.fromarray(test[0]["image"].tokens.astype(np.uint8)[:, :, 0]).save(real)
     inpaint = out / "images" / "inpaint.png"
-    st.tool("sample", "--model", model, "--input", real, "--keep", "top", "--num", 8, "--steps", 48, "--seed", args.seed,
+    st.tool("sample", "--model", model, "--input", real, "--keep", "top", "--num", 8, "--steps", 64, "--seed", args.seed,
             "--output", inpaint, "--no-progress", "--overwrite")
-    return {"grid": grid, "real": real, "inpaint": inpaint, "classes": classes, "label": bundle.adapters["pixels"].decode(test[0])["label"]}
+    return {**grids, "real": real, "inpaint": inpaint, "classes": classes, "label": bundle.adapters["pixels"].decode(test[0])["label"]}
 
 
-def tables(args, st: Stages, model: Path, out: Path, bundle) -> dict:
-    from maskdiff.imputation import consensus, heldout_split, hide_cells, mode_mean_baseline, read_table, score, with_hidden, write_table
+def tables(args, st: Stages, joint: Path, out: Path, bundle) -> dict:
+    from maskdiff.imputation_quality import hide_cells, mode_mean_baseline, score, with_hidden
+    from maskdiff.tables import read_table, write_table
 
     adapter = bundle.adapters["tabular"]
+    source = Path(bundle.config.data.build[bundle.config.data.sources["tabular"].dirs[0]].inputs[0])
     na = [v.strip() for v in adapter.options["na_values"].split(",") if v.strip()]
-    train_t, test_t = heldout_split(bundle)
-    rows = list(range(test_t.num_rows))
-    truth = out / "tables" / "heldout-truth.csv"
-    write_table(test_t, {}, truth)
-    cells = hide_cells(test_t, list(adapter.columns), 0.2, np.random.default_rng(args.seed))
-    masked = out / "tables" / "heldout-masked.csv"
-    write_table(with_hidden(test_t, cells), {}, masked)
+    truth = read_table(source, adapter.options["delimiter"], na)
+    cells = hide_cells(truth, truth.columns, 0.2, np.random.default_rng(args.seed))
+    masked = out / "tables" / "masked.csv"
+    write_table(with_hidden(truth, cells), {}, masked)
     filled = out / "tables" / "filled.csv"
-    st.tool("impute", "--model", model, "--input", masked, "--output", filled, "--draws", 5, "--seed", args.seed, "--no-progress", "--overwrite")
+    st.tool("impute", "--input", masked, "--output", filled, "--minutes", args.impute_minutes, "--run-dir", Path(args.run_dir).with_name("demo-adult"),
+            "--seed", args.seed, "--no-progress", "--overwrite")
     kinds = {c: adapter.kind(c) for c in adapter.columns}
-    draws = [read_table(filled.with_name(f"filled-{k}.csv"), adapter.options["delimiter"], na) for k in range(1, 6)]
-    per_draw = [{(r, c): d.values[r][c] for r, c in cells} for d in draws]
-    return {"rows": len(rows), "cells": len(cells), "model": score(test_t, cells, consensus(per_draw, test_t.columns, kinds), kinds),
-            "one_draw": score(test_t, cells, per_draw[0], kinds),
-            "baseline": score(test_t, cells, mode_mean_baseline(train_t, cells, kinds), kinds), "kinds": kinds,
+    got = read_table(filled, adapter.options["delimiter"], na)
+    guess = {(r, c): got.values[r][c] for r, c in cells}
+    joint_filled = out / "tables" / "filled-by-joint.csv"
+    st.tool("impute", "--model", joint, "--input", masked, "--output", joint_filled, "--seed", args.seed, "--no-progress", "--overwrite")
+    jt = read_table(joint_filled, adapter.options["delimiter"], na)
+    return {"rows": truth.num_rows, "cells": len(cells), "model": score(truth, cells, guess, kinds),
+            "joint": score(truth, cells, {(r, c): jt.values[r][c] for r, c in cells}, kinds),
+            "baseline": score(truth, cells, mode_mean_baseline(with_hidden(truth, cells), cells, kinds), kinds), "kinds": kinds,
             "masked": masked, "filled": filled}
 
 
@@ -208,28 +217,30 @@ def write_report(out: Path, run_dir: Path, bundle, res: dict, times: dict[str, f
         r.para("Final held-out bits/token: " + ", ".join(f"{m} {b:.3f}" for m, b in summary.get("heldout_bits_per_token", {}).items()))
     im = res["images"]
     r.heading("Images (pixel by pixel, class-conditional)")
-    r.para(f"Four samples of each class {', '.join(im['classes'])} (one row per class).")
+    r.para(f"The digit model (configs/pixels.yaml), guidance 2: four samples of each class {', '.join(im['classes'])} (one row per class).")
     r.image(rel(im["grid"]), "sampled digits")
+    r.para("The joint model, no guidance, for comparison:")
+    r.image(rel(im["joint-grid"]), "sampled digits, joint model")
     r.para(f"Inpainting: the top half of a held-out digit (label {im['label']}) is kept, the rest is sampled 8 times.")
     r.image(rel(im["real"]), "held-out digit")
     r.image(rel(im["inpaint"]), "inpaintings")
     tb = res["tables"]
-    r.heading("Tabular imputation (adult, held-out rows)")
-    r.para(f"{tb['cells']} cells hidden at random (20%, at least one per row) in {tb['rows']} held-out rows; the model fills "
-           "each conditioned on the rest of its row; the model's guess is the consensus of 5 draws (most frequent value, or the mean for numbers). Baseline: the training column's mode (categorical) or mean (numeric).")
+    r.heading("Tabular imputation (adult)")
+    r.para(f"{tb['cells']} cells hidden at random (20%, at least one per row) in {tb['rows']} rows. `tools/impute.py` without "
+           "`--model` learns a model from the cells left and fills each hidden cell with its best guess (most probable category; "
+           "posterior mean for numbers). Beside it: the joint model (which saw these rows whole in training, so it is flattered) and the "
+           "column mode / mean of the observed cells. Numeric columns: RMSE / column std (lower is better).")
     rows = []
     for name, m in tb["model"].items():
         if name == "all":
             continue
-        b, one = tb["baseline"][name], tb["one_draw"][name]
-        metric = "accuracy" if "accuracy" in m else "rmse"
-        rows.append([name, metric, m["cells"], m[metric], one[metric], b[metric]])
-    a, one, b = tb["model"]["all"], tb["one_draw"]["all"], tb["baseline"]["all"]
-    rows.append(["**all categorical**", "accuracy", a["categorical_cells"], a["accuracy"], one["accuracy"], b["accuracy"]])
-    rows.append(["**all numeric**", "RMSE / column std", a["numeric_cells"], a["nrmse"], one["nrmse"], b["nrmse"]])
-    r.table(["column", "metric", "cells", "model (consensus)", "model (one draw)", "mode/mean"], rows)
-    r.para(f"Files: [`{rel(tb['masked'])}`]({rel(tb['masked'])}), [`{rel(tb['filled'])}`]({rel(tb['filled'])}) "
-           "(draws `filled-1..5.csv`, per-cell agreement in `filled-uncertainty.csv`).")
+        metric = "accuracy" if "accuracy" in m else "nrmse"
+        rows.append([name, "accuracy" if metric == "accuracy" else "RMSE/std", m["cells"], m[metric], tb["joint"][name][metric], tb["baseline"][name][metric]])
+    a, j, b = tb["model"]["all"], tb["joint"]["all"], tb["baseline"]["all"]
+    rows.append(["**all categorical**", "accuracy", a["categorical_cells"], a["accuracy"], j["accuracy"], b["accuracy"]])
+    rows.append(["**all numeric**", "RMSE / column std", a["numeric_cells"], a["nrmse"], j["nrmse"], b["nrmse"]])
+    r.table(["column", "metric", "cells", "fitted table model", "joint model", "mode/mean"], rows)
+    r.para(f"Files: [`{rel(tb['masked'])}`]({rel(tb['masked'])}), [`{rel(tb['filled'])}`]({rel(tb['filled'])}).")
     pr = res["proteins"]
     r.heading("Proteins")
     r.para("Generated (lengths drawn from the training distribution, header field sampled too):")
@@ -264,17 +275,20 @@ def main(argv: list[str] | None = None) -> int:
     out, run_dir = Path(args.out), Path(args.run_dir)
     st = Stages()
     try:
-        with st.timed("train"):
-            model = train(args, st)
+        with st.timed("train joint"):
+            model = train(args, args.config, run_dir, args.steps)
+        with st.timed("train digits"):
+            digits = train(args, "configs/pixels.yaml", run_dir.with_name(run_dir.name + "-pixels"), args.pixels_steps)
         if out.exists():
             shutil.rmtree(out)
         (out / "images").mkdir(parents=True)
+        (out / "tables").mkdir(parents=True)
         bundle = open_bundle(model)
         if (run_dir / "plots").is_dir():
             shutil.copytree(run_dir / "plots", out / "plots")
         res: dict = {}
         with st.timed("images"):
-            res["images"] = images(args, st, model, out, bundle)
+            res["images"] = images(args, st, digits, model, out, bundle)
         with st.timed("imputation"):
             res["tables"] = tables(args, st, model, out, bundle)
         with st.timed("proteins"):
