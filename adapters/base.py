@@ -284,8 +284,8 @@ def open_binary(path: Path) -> io.BufferedIOBase:
 
 
 def open_text(path: Path) -> io.TextIOBase:
-    """Open a (possibly gzipped) UTF-8 text file; undecodable bytes raise UnicodeDecodeError."""
-    return io.TextIOWrapper(open_binary(path), encoding="utf-8", newline="")
+    """Open a (possibly gzipped) UTF-8 text file, a leading byte-order mark dropped; undecodable bytes raise UnicodeDecodeError."""
+    return io.TextIOWrapper(open_binary(path), encoding="utf-8-sig", newline="")
 
 
 def options_from(local_vars: dict[str, Any]) -> dict[str, Any]:

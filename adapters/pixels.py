@@ -31,6 +31,7 @@ rejected. Palette images are expanded to RGB. The round trip is exact.
 from __future__ import annotations
 
 import io
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -291,6 +292,9 @@ def _load_label_file(path: Path) -> list[str]:
         return [line.strip() for line in f if line.strip()]
 
 
+MAX_PIXELS = 1 << 24  # 4096x4096: far above any training size, far below what exhausts memory
+
+
 def _load_image(path: Path) -> dict[str, Any] | Reject:
     with open(path, "rb") as f:
         head = f.read(32)
@@ -301,7 +305,12 @@ def _load_image(path: Path) -> dict[str, Any] | Reject:
         if colour != 3 and depth != 8:
             return Reject(f"{depth}-bit PNG: only 8-bit images are accepted")
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size is checked below instead
+            img = Image.open(path)
+        with img:
+            if img.width * img.height > MAX_PIXELS:  # from the header, before any pixel is decoded
+                return Reject(f"{img.width}x{img.height} image: larger than the {MAX_PIXELS:,} pixels accepted")
             img.load()
             if getattr(img, "n_frames", 1) > 1:
                 return Reject(f"{img.n_frames}-frame image: only single images are accepted")

@@ -32,6 +32,7 @@ from .base import Adapter, InputError, Option, RawItem, Reject, Rejected, expand
 SUPPORT = "text/bpe"
 MODEL_FILE = "text-bpe.model"
 MIN_VOCAB = 300  # 256 byte pieces + <unk> + "\n" + a few merges
+TRAIN_PIECE = 4096  # characters per training sentence (at most 16 KiB of UTF-8, sentencepiece's limit below)
 
 
 class TextAdapter(Adapter):
@@ -67,8 +68,8 @@ class TextAdapter(Adapter):
                 yield Rejected(str(path), f"not valid UTF-8 (byte {e.start}: {e.reason})")
                 continue
             if self.split == "file":
-                if not text:
-                    yield Rejected(str(path), "empty document")
+                if not text.strip():
+                    yield Rejected(str(path), "empty document" if not text else "only whitespace")
                 else:
                     yield str(path), text
             elif self.split == "line":
@@ -103,7 +104,8 @@ class TextAdapter(Adapter):
 
         def lines() -> Iterator[str]:
             for doc in raws:
-                yield from (line for line in doc.split("\n") if line)
+                for line in doc.split("\n"):  # long lines in pieces: sentencepiece skips sentences over its length limit
+                    yield from (line[i : i + TRAIN_PIECE] for i in range(0, len(line), TRAIN_PIECE))
 
         buf = io.BytesIO()
         try:
@@ -112,7 +114,7 @@ class TextAdapter(Adapter):
                 hard_vocab_limit=False, byte_fallback=True, character_coverage=0.9999, normalization_rule_name="identity",
                 remove_extra_whitespaces=False, add_dummy_prefix=False, split_digits=True, allow_whitespace_only_pieces=True,
                 user_defined_symbols=["\n"], unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1, max_sentencepiece_length=16,
-                input_sentence_size=self.options["train_sentences"], shuffle_input_sentence=True, num_threads=2, minloglevel=2,
+                input_sentence_size=self.options["train_sentences"], shuffle_input_sentence=True, max_sentence_length=4 * TRAIN_PIECE, num_threads=2, minloglevel=2,
             )
         except RuntimeError as e:
             raise InputError(f"text input: sentencepiece could not train a BPE model ({str(e).strip().splitlines()[-1]})") from None

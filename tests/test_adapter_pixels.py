@@ -118,3 +118,28 @@ def test_truncated_idx_rejects_the_missing_images_and_unseen_labels():
     strict, _, _ = read_all("pixels", [MNIST_IMAGES, MNIST_LABELS], max_labels=3, unseen="reject")
     with pytest.raises(Reject, match="not one of the 3 categories"):
         strict.encode(rare)
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height 8-bit grey pixels, with a tiny (wrong) image body."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("side", [40000, 10000])
+def test_huge_image_header_is_refused_before_decoding(side: int) -> None:
+    import resource
+
+    d = scratch(f"pixels-huge-{side}")
+    (d / "huge.png").write_bytes(_png_header(side, side))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    items = list(PixelsAdapter().read([d / "huge.png"]))
+    assert len(items) == 1 and isinstance(items[0], Rejected)
+    assert "larger than" in items[0].reason or "decompression bomb" in items[0].reason.lower()
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KiB: nothing near side*side bytes was allocated

@@ -113,3 +113,10 @@ def test_files_that_are_not_fasta_are_fatal():
         list(ProteinAdapter().read([root / "empty.fasta"]))
     with pytest.raises(InputError, match="missing.fasta: no such file"):
         list(ProteinAdapter().read([root / "missing.fasta"]))
+
+
+def test_fasta_with_a_byte_order_mark_is_read() -> None:
+    d = scratch("protein-bom")
+    (d / "bom.fasta").write_bytes("\ufeff>sp|P1|X OS=Homo sapiens\nMKTLLV\n>P2\nACDE\n".encode())
+    items = list(ProteinAdapter().read([d / "bom.fasta"]))
+    assert [raw["sequence"] for _, raw in items] == ["MKTLLV", "ACDE"]

@@ -98,3 +98,29 @@ def test_document_splitting_and_bad_files():
         list(TextAdapter().read([root / "empty.txt"]))
     with pytest.raises(InputError, match="too small"):
         TextAdapter(vocab_size=50)
+
+
+def test_whitespace_only_document_is_rejected() -> None:
+    d = scratch("text-blank")
+    (d / "blank.txt").write_text("  \n\t\n   ")
+    items = list(TextAdapter(vocab_size=300).read([d / "blank.txt"]))
+    assert len(items) == 1 and isinstance(items[0], Rejected) and items[0].reason == "only whitespace"
+
+
+def test_one_long_line_trains_and_round_trips() -> None:
+    d = scratch("text-long-line")
+    rng = np.random.default_rng(0)
+    words = np.array(["the", "king", "queen", "night", "thou", "love"])
+    text = " ".join(rng.choice(words, 60_000))  # ~300 KB on one line: far beyond sentencepiece's sentence limit
+    (d / "long.txt").write_text(text)
+    adapter, raws, rejects = read_all("text", [d / "long.txt"], vocab_size=300, max_len=64)
+    assert rejects == [] and len(raws) == 1
+    windows = adapter.encode_many(raws[0][1])
+    assert "".join(adapter.decode(w) for w in windows) == text
+
+
+def test_byte_order_mark_is_dropped() -> None:
+    d = scratch("text-bom")
+    (d / "bom.txt").write_bytes("\ufeffHello there\n".encode())
+    items = list(TextAdapter(vocab_size=300).read([d / "bom.txt"]))
+    assert items == [(str(d / "bom.txt"), "Hello there\n")]
