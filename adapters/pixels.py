@@ -300,7 +300,7 @@ def _load_image(path: Path) -> dict[str, Any] | Reject:
         head = f.read(32)
     if not head:
         return Reject("empty image file")
-    if head.startswith(PNG_SIGNATURE) and head[12:16] == b"IHDR":
+    if head.startswith(PNG_SIGNATURE) and head[12:16] == b"IHDR" and len(head) >= 26:
         depth, colour = head[24], head[25]
         if colour != 3 and depth != 8:
             return Reject(f"{depth}-bit PNG: only 8-bit images are accepted")

@@ -143,3 +143,10 @@ def test_huge_image_header_is_refused_before_decoding(side: int) -> None:
     assert len(items) == 1 and isinstance(items[0], Rejected)
     assert "larger than" in items[0].reason or "decompression bomb" in items[0].reason.lower()
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KiB: nothing near side*side bytes was allocated
+
+
+def test_truncated_png_header_is_rejected() -> None:
+    d = scratch("pixels-truncated")
+    (d / "t.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
+    items = list(PixelsAdapter().read([d / "t.png"]))
+    assert len(items) == 1 and isinstance(items[0], Rejected) and "unreadable image" in items[0].reason
