@@ -19,6 +19,8 @@ Sections (the baseline in brackets):
           missing, one draw: rows/s [stepwise, dense]
 * kernels Triton vs the PyTorch reference for the cross-entropy and the
           reverse step (needs a GPU; on a CPU Triton only runs interpreted)
+* mfu     bf16 model FLOP utilisation of a 12-layer, 768-wide model at
+          sequence length 1024, against the card's bf16 peak (needs a GPU)
 
 Prints a table and writes JSON. Thread policy: OMP_WAIT_POLICY=PASSIVE is set
 before torch starts (spinning OpenMP threads collapse when another process
@@ -57,7 +59,7 @@ from maskdiff.tokens import MODALITIES, Field, Record, Support, VocabSpec  # noq
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT, TABULAR = MODALITIES.index("text"), MODALITIES.index("tabular")
-SECTIONS = ("train", "eval", "table", "sample", "impute", "kernels")
+SECTIONS = ("train", "eval", "table", "sample", "impute", "kernels", "mfu")
 
 
 @dataclass
@@ -315,8 +317,59 @@ def bench_kernels(quick: bool) -> list[Row]:
     ]
 
 
+# dense bf16 tensor-core peak FLOP/s by card name (first match wins)
+PEAK_BF16 = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12))
+
+
+def training_flops(model: Denoiser, tokens: int, masked: int, seq: int) -> float:
+    """Model FLOPs of one training step (forward + backward = 3x forward).
+
+    6 per weight per token for the blocks, 12 * depth * seq * dim per token for
+    the attention scores and mixing, and the output layer 6 * dim * K at the
+    masked positions only (the restricted outputs compute nothing elsewhere).
+    """
+    blocks = sum(p.numel() for p in model.blocks.parameters())
+    cfg, head = model.cfg, model.spec.num_clean * model.cfg.dim
+    return 6.0 * blocks * tokens + 12.0 * cfg.depth * seq * cfg.dim * tokens + 6.0 * head * masked
+
+
+def bench_mfu(quick: bool) -> list[Row]:
+    """bf16 training of a 12-layer, 768-wide model at sequence length 1024 (GPU only)."""
+    if not torch.cuda.is_available():
+        return [Row("bf16 MFU, 12L d768, seq 1024", None, "", None, "peak", note="no GPU")]
+    dev, name = torch.device("cuda"), torch.cuda.get_device_name()
+    spec = VocabSpec([Support("text/bpe", "text", 32768)])
+    torch.manual_seed(0)
+    model = Denoiser(spec, DenoiserConfig(dim=768, depth=12, heads=12)).to(dev)
+    schedules = ModalitySchedules({TEXT: make_schedule("linear")})
+    batch_size = 4 if quick else 16
+    ids = torch.randint(0, 32768, (batch_size, 1024))
+    batch = collate([Record([Field("text", "text/bpe", row.numpy())]) for row in ids], spec).to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+
+    def step() -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            res = elbo(model, batch, schedules)
+        opt.zero_grad()
+        res.loss.backward()
+        opt.step()
+        torch.cuda.synchronize()
+
+    torch.cuda.reset_peak_memory_stats()
+    sec = interleaved({"step": step}, 5 if quick else 20)["step"]
+    tokens = int(batch.valid.sum())
+    achieved = training_flops(model, tokens, tokens // 2, 1024) / sec  # a linear schedule masks half on average
+    peak = next((v for k, v in PEAK_BF16 if k in name), None)
+    return [
+        Row(f"bf16 model TFLOP/s, 12L d768, seq 1024 ({name})", achieved / 1e12, "TFLOP/s", peak / 1e12 if peak else None, f"{name} bf16 peak",
+            note="ratio = MFU; target >= 0.45"),
+        Row("same: training tokens/s", tokens / sec, "tok/s", None, "-", note=f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"),
+    ]
+
+
 BENCHES: dict[str, Callable[[bool], list[Row]]] = {
     "train": bench_train, "eval": bench_eval, "table": bench_table, "sample": bench_sample, "impute": bench_impute, "kernels": bench_kernels,
+    "mfu": bench_mfu,
 }
 
 
