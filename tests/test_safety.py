@@ -234,3 +234,14 @@ def test_metrics_line_that_is_not_json_is_one_line(copy: Path) -> None:
 def test_summary_has_no_nan(copy: Path) -> None:
     run_train(["--resume", str(copy)])
     json.loads((copy / "summary.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in summary.json"))
+
+
+def test_plots_skip_non_finite_points(tmp_path: Path) -> None:
+    from maskdiff.plots import plot_metrics
+
+    lines = [{"kind": "train", "step": 1, "bits_per_token": {"text": 5.0, "pixels": float("nan")}},
+             {"kind": "train", "step": 2, "bits_per_token": {"text": float("inf"), "pixels": float("nan")}},
+             {"kind": "eval", "step": 2, "bits_per_token": {"text": 4.0}}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
+    out = plot_metrics(tmp_path / "metrics.jsonl", tmp_path / "plots")
+    assert [p.name for p in out] == ["text.png"]

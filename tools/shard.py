@@ -59,7 +59,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, tuple[Option, set
     ap.add_argument("--name", help="shard file name prefix (default: the modality)")
     ap.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, metavar="N", help=f"stored records (text: windows) per shard (default {DEFAULT_SHARD_SIZE})")
     ap.add_argument("--max-len", type=int, metavar="L", help="text: tokens per window (default 1024); protein: length limit, see --length-policy (default 1024)")
-    ap.add_argument("--overwrite", action="store_true", help="replace the shards, manifest and rejects already in DIR")
+    ap.add_argument("--overwrite", action="store_true", help="replace the data set already in DIR (built aside, then swapped in whole: DIR always holds one complete data set; other files in DIR are kept)")
     ap.add_argument("--state-from", metavar="DIR", help="reuse the fitted adapter (vocabulary, bins, BPE model) of another shard directory of this modality")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar (it is off anyway when stderr is not a terminal or CI is set)")
     owners: dict[str, tuple[Option, set[str]]] = {}

@@ -526,6 +526,9 @@ class Trainer:
             state = safe_load(state_file)
         except CheckpointError as e:
             raise ConfigError(f"{where}: {e}") from None
+        except (KeyError, RuntimeError, ValueError, TypeError, AssertionError) as e:  # plain state, but not this model's
+            msg = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+            raise ConfigError(f"{where}: checkpoint {choice.tag} does not fit this model and configuration ({msg})") from None
         if path is None:
             raise ConfigError(f"{where}: checkpoint {choice.tag} could not be loaded")
         if state["world_size"] != self.world:
