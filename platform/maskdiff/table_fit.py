@@ -18,7 +18,9 @@ given, and what :class:`maskdiff.imputer.MaskdiffImputer` runs in ``fit``:
 from __future__ import annotations
 
 import math
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -110,8 +112,6 @@ def plan_fit(rows: int, row_tokens: int, budget_s: float, seconds_per_step: Call
 def fit_table(source: str | Path, run_dir: str | Path, *, minutes: float, adapter_options: Mapping[str, Any] | None = None,
               seed: int = 0, overwrite: bool = False, progress: bool = False, log: Callable[[str], None] = print) -> tuple[Path, FitPlan]:
     """Shard ``source`` (CSV or Parquet) into ``run_dir``, train within ``minutes``; return the bundle and the plan."""
-    from .trainer import train
-
     if not math.isfinite(minutes) or minutes <= 0:
         raise UserError(f"--minutes {minutes}: must be a finite number > 0")
     started = time.perf_counter()
@@ -135,9 +135,28 @@ def fit_table(source: str | Path, run_dir: str | Path, *, minutes: float, adapte
     cfg = OmegaConf.merge(cfg, {"data": {"batch_tokens": plan.batch_rows * plan.row_tokens}, "train": {"steps": plan.steps}})
     validate(to_run_config(cfg))
     log(f"fitting {source}: {plan.describe()}; {torch.get_num_threads()} thread(s); run directory {run_dir}")
-    result = train(cfg, overwrite=True, progress=progress)
-    assert result.bundle is not None
-    return result.bundle, plan
+    return train_in_child(cfg, progress), plan
+
+
+def train_in_child(cfg: DictConfig, progress: bool = False) -> Path:
+    """Train in a fresh process and return the bundle: DeepSpeed keeps process-wide state (its
+    process groups) that a second run in the same process would trip over, and a child gives
+    its memory back when it ends."""
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=ctx, initializer=torch.set_num_threads,
+                             initargs=(torch.get_num_threads(),)) as pool:
+        bundle = pool.submit(_train, OmegaConf.to_yaml(cfg), progress).result()
+    return Path(bundle)
+
+
+def _train(config_yaml: str, progress: bool) -> str:
+    from .trainer import train
+
+    cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.create(config_yaml))
+    result = train(cfg, overwrite=True, progress=progress)  # type: ignore[arg-type]
+    if result.bundle is None:
+        raise UserError(f"training in {result.run_dir} stopped at step {result.step} without a bundle")
+    return str(result.bundle)
 
 
 __all__ = ["FitPlan", "MAX_EPOCHS", "MIN_ROWS", "base_config", "fit_table", "measure_step", "plan_fit"]
