@@ -42,6 +42,7 @@ from maskdiff.adapters import CategoryVocab, Reject
 
 from .batch import Batch, collate
 from .cli import UserError, atomic_path
+from .outputs import SupportGroup, support_logits
 from .tables import Table
 from .tokens import MISSING, Record
 
@@ -90,37 +91,38 @@ def row_records(table: Table, adapter) -> list[Record]:
 
 
 class ColumnHeads:
-    """Where each learned column's values live in the global id space, and what they decode to."""
+    """Where each learned column's values live in the id space, and what they decode to."""
 
     def __init__(self, bundle, columns: Sequence[str]):
         adapter, spec = bundle.adapters["tabular"], bundle.spec
         self.columns = list(columns)
-        self.ranges = [spec.id_range(f"tabular/col:{c}") for c in columns]
+        self.support_ids = [spec.support_id(f"tabular/col:{c}") for c in columns]
+        self.column_of = {sid: j for j, sid in enumerate(self.support_ids)}
+        self.starts = [spec.id_range(f"tabular/col:{c}").start for c in columns]
         self.vocabs = [adapter.columns[c] for c in columns]
         self.numeric = [adapter.kind(c) == "numeric" for c in columns]
         # per column: log-weight 0 on usable values, -inf on the other bucket (never written)
         self.allowed = []
-        for vocab, r in zip(self.vocabs, self.ranges):
-            mask = torch.zeros(len(r))
+        for vocab in self.vocabs:
+            mask = torch.zeros(vocab.size, dtype=torch.float64)
             if isinstance(vocab, CategoryVocab):
                 mask[vocab.other_id] = -math.inf
             self.allowed.append(mask)
         self.bin_means = [torch.as_tensor(v.means, dtype=torch.float64) if num else None for v, num in zip(self.vocabs, self.numeric)]
 
-    def probs(self, logp: Tensor, j: int, temperature: float = 1.0) -> Tensor:
-        """(N, size_j) distribution of column j's values from (N, L, V) log-probabilities."""
-        r = self.ranges[j]
-        logits = logp[:, j, r.start : r.stop].double() / temperature + self.allowed[j].to(logp.device, torch.float64)
-        return torch.softmax(logits, dim=-1)
+    def probs(self, j: int, logits: Tensor, temperature: float = 1.0) -> Tensor:
+        """(n, size_j) distribution of column j's values from its support's logits, without the other bucket."""
+        return torch.softmax(logits.double() / temperature + self.allowed[j].to(logits.device), dim=-1)
 
 
-def _conditionals(denoiser, batch: Batch, masked: Tensor) -> Tensor:
-    """Log-probabilities (B, L, V) given the unmasked cells; a time-conditioned model gets
+def _conditionals(bundle, batch: Batch, masked: Tensor) -> list[SupportGroup]:
+    """Logits at the masked cells only, grouped by column; a time-conditioned model gets
     t = the row's masked fraction (the mask probability of the linear schedule)."""
+    denoiser = bundle.denoiser
     t = None
     if getattr(denoiser, "time_conditioned", False):
         t = (masked.sum(-1) / (~batch.pad).sum(-1).clamp(min=1)).float().clamp(1e-3, 1.0)
-    return denoiser(batch.tokens, batch, t)
+    return support_logits(denoiser, batch.tokens, batch, t, masked, bundle.spec)
 
 
 def _take(batch: Batch, rows: Tensor) -> Batch:
@@ -137,22 +139,19 @@ def fill_rows(bundle, records: Sequence[Record], columns: Sequence[str], *, best
     (as :func:`row_records` makes them).
     """
     heads = ColumnHeads(bundle, columns)
-    denoiser, spec = bundle.denoiser, bundle.spec
     values: list[dict[str, Any]] = [{} for _ in records]
     confidence: list[dict[str, float]] = [{} for _ in records]
     calls = 0
     bar = tqdm(total=len(records), desc="imputing", unit="row", disable=not progress, leave=False)
     for start in range(0, len(records), batch_size):
         chunk = list(records[start : start + batch_size])
-        batch = collate(chunk, spec).to(device)
-        masked = batch.tokens == spec.mask_id
+        batch = collate(chunk, bundle.spec).to(device)
+        masked = batch.tokens == bundle.spec.mask_id
         active = masked.any(-1).nonzero().squeeze(-1)
         while active.numel():
-            sub = _take(batch, active)
-            logp = _conditionals(denoiser, sub, masked[active])
+            groups = _conditionals(bundle, _take(batch, active), masked[active])
             calls += 1
-            picks = _pick_cells(heads, logp, masked[active], best, generator, temperature)
-            for row, j, token, conf, value in picks:
+            for row, j, token, conf, value in _pick_cells(heads, groups, masked[active], best, generator, temperature):
                 b = int(active[row])
                 col = heads.columns[j]
                 if value is None:  # a draw: decode the drawn token as the adapter does
@@ -161,7 +160,7 @@ def fill_rows(bundle, records: Sequence[Record], columns: Sequence[str], *, best
                 values[start + b][col] = value
                 if best:
                     confidence[start + b][col] = conf
-                batch.tokens[b, j] = heads.ranges[j].start + token
+                batch.tokens[b, j] = heads.starts[j] + token
                 masked[b, j] = False
             active = masked.any(-1).nonzero().squeeze(-1)
         bar.update(len(chunk))
@@ -169,30 +168,35 @@ def fill_rows(bundle, records: Sequence[Record], columns: Sequence[str], *, best
     return values, confidence, calls
 
 
-def _pick_cells(heads: ColumnHeads, logp: Tensor, masked: Tensor, best: bool, generator: torch.Generator | None,
+def _pick_cells(heads: ColumnHeads, groups: Sequence[SupportGroup], masked: Tensor, best: bool, generator: torch.Generator | None,
                 temperature: float) -> list[tuple[int, int, int, float, Any]]:
     """One cell per row to commit: (row, column, local token, confidence, value or None)."""
     n, L = masked.shape
-    probs = [heads.probs(logp, j, 1.0 if best else temperature) if masked[:, j].any() else None for j in range(L)]
+    row_of = masked.nonzero()[:, 0]  # the row of each masked cell, in the order the groups index
     top = torch.full((n, L), -1.0, dtype=torch.float64, device=masked.device)
-    for j, p in enumerate(probs):
-        if p is not None:
-            top[:, j] = torch.where(masked[:, j], p.max(-1).values, -1.0)
-    if best:
+    dists: dict[int, tuple[Tensor, Tensor]] = {}  # column -> (rows, their distributions)
+    for g in groups:
+        j = heads.column_of[g.support]
+        rows = row_of[g.rows]
+        p = heads.probs(j, g.logits, 1.0 if best else temperature)
+        top[rows, j] = p.max(-1).values
+        dists[j] = (rows, p)
+    if best:  # the cell the model is surest of
         chosen = top.argmax(-1)
     else:  # uniformly among the row's masked cells
         u = torch.rand((n, L), generator=generator, device=masked.device, dtype=torch.float64)
         chosen = torch.where(masked, u, -1.0).argmax(-1)
     out = []
-    for j in chosen.unique().tolist():
-        rows = (chosen == j).nonzero().squeeze(-1)
-        p = probs[j][rows]  # type: ignore[index]
+    for j, (rows, p) in dists.items():
+        pick = chosen[rows] == j
+        rows, p = rows[pick], p[pick]
+        if not rows.numel():
+            continue
         if best:
             tokens = p.argmax(-1)
             if heads.numeric[j]:  # posterior mean over bins, each bin at the mean of its fitted values
                 means = (p @ heads.bin_means[j].to(p.device)).tolist()  # type: ignore[union-attr]
-                vocab = heads.vocabs[j]
-                vals = [int(round(m)) if vocab.integer else float(m) for m in means]
+                vals: list[Any] = [int(round(m)) if heads.vocabs[j].integer else float(m) for m in means]
             else:
                 vals = [heads.vocabs[j].decode(int(t)) for t in tokens]
         else:
