@@ -161,6 +161,8 @@ BAD_OPTIONS = [
     ("sample", ["--nrow", "-1"], "--nrow -1: must be >= 1"),
     ("sample", ["--device", "banana"], "--device banana: not a torch device"),
     ("sample", ["--num", "100000", "--batch-size", "100000000"], "--batch-size 100000000: a batch of 100000 records"),
+    ("sample", ["--num", "10000000000"], "--num 10000000000: 10,000,000,000 records"),
+    ("text", ["--num", "10000000000"], "--num 10000000000"),
     ("text", ["--temperature", "-1"], "--temperature -1.0: must be > 0"),
     ("protein", ["--guidance", "inf"], "--guidance inf: must be a finite number"),
     ("protein", ["--prefix", "x\n>evil"], "--prefix"),

@@ -90,6 +90,7 @@ def run(args) -> int:
     check_lengths_from(args.lengths_from)
     bundle = cli.open_bundle(args.model, "protein", args.device)
     adapter = bundle.adapters["protein"]
+    cli.check_count(args.num, adapter.max_len + len(adapter.vocabs or {}))
     given = conditions(adapter.vocabs or {}, parse_pairs(args.condition), "--condition")
     rng = np.random.default_rng(args.seed)
     if args.template:

@@ -62,6 +62,7 @@ def run(args) -> int:
     cli.check_outputs([out, arrays], args.overwrite)
     bundle = cli.open_bundle(args.model, "pixels", args.device)
     adapter = bundle.adapters["pixels"]
+    cli.check_count(args.num, int(np.prod(adapter.shape)) + 1)
     image = keep = None
     if args.input:
         image = load_image(adapter, args.input)

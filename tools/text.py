@@ -59,6 +59,7 @@ def run(args) -> int:
         cli.check_outputs([args.output], args.overwrite)
     bundle = cli.open_bundle(args.model, "text", args.device)
     adapter = bundle.adapters["text"]
+    cli.check_count(args.num, adapter.max_len)
     template = unescape(args.template) if args.template is not None else unescape(args.prompt) + f"[MASK:{args.length}]"
     tokens = text_template(template, adapter.processor.encode, args.span, adapter.max_len)
     records = [Record([Field("text", SUPPORT, tokens.copy())], {"index": i}) for i in range(args.num)]

@@ -236,6 +236,14 @@ def check_memory(bundle, batch_size: int, tokens: int, device: str, given: int |
                         f"more than the {have / 2**30:.1f} GiB free on {device}; lower --batch-size")
 
 
+def check_count(num: int, tokens: int) -> None:
+    """Refuse up front a ``--num`` whose records and outputs alone would not fit in this machine's memory."""
+    need, have = num * (32 * tokens + 4096), available_memory("cpu")  # ids, filled copies, decoded output, per-record overhead
+    if have is not None and need > have:
+        raise UserError(f"--num {num}: {num:,} records of up to {tokens} tokens need about {need / 2**30:.1f} GiB, "
+                        f"more than the {have / 2**30:.1f} GiB free; ask for fewer (several runs with other --seed values add up)")
+
+
 def check_fill_memory(bundle, records: Sequence, batch_size: int, device: str) -> None:
     """:func:`check_memory` for sampling ``records`` in batches of ``batch_size``."""
     if records:
@@ -251,5 +259,5 @@ def generator(seed: int, device: str = "cpu") -> torch.Generator:
 
 __all__ = [
     "USER_ERROR", "UserError", "add_model", "add_output", "add_sampling", "atomic_path", "check_outputs", "generator",
-    "batch_bytes", "check_args", "check_device", "check_fill_memory", "check_memory", "open_bundle", "parser", "run", "show_progress", "user_errors", "write_text",
+    "batch_bytes", "check_args", "check_count", "check_device", "check_fill_memory", "check_memory", "open_bundle", "parser", "run", "show_progress", "user_errors", "write_text",
 ]

@@ -681,7 +681,7 @@ class Trainer:
     def _report(self, bar: Any, step: int, stop: int, record: dict[str, Any]) -> None:
         if not self.is_main:
             return
-        bits = " ".join(f"{m} {b:.3f}" for m, b in record["bits_per_token"].items())
+        bits = " ".join(f"{m} {b:.3f}" for m, b in record["bits_per_token"].items()) or "n/a"
         if record["kind"] == "train":
             loss = "n/a" if record["loss"] is None else f"{record['loss']:.4f}"
             line = f"step {step}/{stop} loss {loss} nats/token | bits/token {bits} | {record['tokens_per_s']:,.0f} tok/s"
