@@ -234,3 +234,19 @@ def test_read_only_parent_is_refused_up_front(monkeypatch, tmp_path):
     monkeypatch.setattr(cli.os, "access", lambda *a, **k: False)
     with pytest.raises(cli.UserError, match="is not writable"):
         cli.check_outputs([tmp_path / "new" / "x.png"], overwrite=False)
+
+
+def test_errors_from_dataloader_workers_are_one_line():
+    from torch._utils import ExceptionWrapper
+
+    from maskdiff.cli import one_line
+    from maskdiff.shards import ShardError
+
+    try:
+        raise ShardError("d/tab-000000.tar: record 'x': field 'a' holds ids outside 0..4")
+    except ShardError:
+        wrapped = ExceptionWrapper(where="in DataLoader worker process 0")
+    with pytest.raises(ShardError) as exc:
+        wrapped.reraise()
+    assert "\n" in str(exc.value)
+    assert one_line(str(exc.value)) == "d/tab-000000.tar: record 'x': field 'a' holds ids outside 0..4"

@@ -48,7 +48,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    from maskdiff.cli import user_errors
+    from maskdiff.cli import one_line, user_errors
     from maskdiff.config import ConfigError, load_config
     from maskdiff.config import to_run_config
     from maskdiff.trainer import CONFIG, run_dir_of, train
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--until {args.until}: must be >= 1")
         train(cfg, resume=bool(args.resume), overwrite=args.overwrite, until=args.until, progress=args.progress)
     except user_errors() as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         hint = f"; continue from the latest checkpoint with --resume {run_dir}" if run_dir else ""

@@ -46,7 +46,7 @@ def run(main: Callable[[argparse.Namespace], int | None], parser: argparse.Argum
         check_args(args)
         return main(args) or 0
     except user_errors() as e:
-        print(f"error: {_one_line(str(e))}", file=sys.stderr)
+        print(f"error: {one_line(str(e))}", file=sys.stderr)
         return USER_ERROR
     except OSError as e:  # an output in a read-only folder, under a file, a full disk
         print(f"error: {e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
@@ -56,8 +56,12 @@ def run(main: Callable[[argparse.Namespace], int | None], parser: argparse.Argum
         return INTERRUPTED
 
 
-def _one_line(msg: str) -> str:
-    return " ".join(msg.split("\n")) if msg else msg
+def one_line(msg: str) -> str:
+    """A user error's message on one line; from a DataLoader worker, the original message without the worker's traceback."""
+    if "Original Traceback" in msg:
+        last = [line for line in msg.splitlines() if line.strip()][-1]
+        msg = last.split(": ", 1)[1] if ": " in last and "Error" in last.split(": ", 1)[0] else last
+    return " ".join(msg.split("\n"))
 
 
 # option -> (lowest allowed value, whether the lowest is allowed): checked when a tool has the option
@@ -259,5 +263,5 @@ def generator(seed: int, device: str = "cpu") -> torch.Generator:
 
 __all__ = [
     "USER_ERROR", "UserError", "add_model", "add_output", "add_sampling", "atomic_path", "check_outputs", "generator",
-    "batch_bytes", "check_args", "check_count", "check_device", "check_fill_memory", "check_memory", "open_bundle", "parser", "run", "show_progress", "user_errors", "write_text",
+    "batch_bytes", "check_args", "check_count", "check_device", "check_fill_memory", "check_memory", "one_line", "open_bundle", "parser", "run", "show_progress", "user_errors", "write_text",
 ]
