@@ -199,8 +199,10 @@ class TabularAdapter(Adapter):
         parse = pacsv.ParseOptions(delimiter=self.options["delimiter"], invalid_row_handler=on_invalid)
         nulls = [""] + _names(self.options["na_values"])
         try:
-            with open_binary(path) as f:
-                names = pacsv.open_csv(f, parse_options=pacsv.ParseOptions(delimiter=self.options["delimiter"], invalid_row_handler=lambda r: "skip")).schema.names
+            # the streaming reader only tells the header; close it, or its read-ahead thread can abort the interpreter at exit
+            with open_binary(path) as f, pacsv.open_csv(f, parse_options=pacsv.ParseOptions(delimiter=self.options["delimiter"],
+                                                                                        invalid_row_handler=lambda r: "skip")) as reader:
+                names = reader.schema.names
             self._check_columns(path, names)
             convert = pacsv.ConvertOptions(column_types={n: pa.string() for n in names}, null_values=nulls, strings_can_be_null=True, quoted_strings_can_be_null=True)
             with open_binary(path) as f:
