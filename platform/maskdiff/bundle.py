@@ -18,7 +18,6 @@ finite are never exported.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -34,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from maskdiff.adapters import Adapter, adapter_from_state
 
 from .config import ConfigError, RunConfig, load_config, save_config, to_run_config
+from .files import sha256_file
 from .joint import JointModel
 from .tokens import VocabMismatchError, VocabSpec
 
@@ -88,7 +88,7 @@ def export_bundle(out: str | Path, model: torch.nn.Module, cfg: DictConfig, spec
             (d / "state.json").write_text(json.dumps(adapter.state(d), indent=1) + "\n")
         info = {"format": FORMAT, "version": VERSION, "step": step, "vocab_fingerprint": spec.fingerprint(), "modalities": sorted(adapters),
                 "parameters": sum(v.numel() for v in weights.values()), "metrics": metrics or {}, "lengths": lengths or {},
-                "files": {str(p.relative_to(stage)): _sha256(p) for p in sorted(stage.rglob("*")) if p.is_file()}}
+                "files": {str(p.relative_to(stage)): sha256_file(p) for p in sorted(stage.rglob("*")) if p.is_file()}}
         (stage / INFO).write_text(json.dumps(info, indent=1, allow_nan=False) + "\n")
         _swap(stage, out)
     finally:
@@ -103,14 +103,6 @@ def _swap(stage: Path, out: Path) -> None:
         os.replace(out, old)
     os.replace(stage, out)
     shutil.rmtree(old, ignore_errors=True)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _read_json(path: Path) -> Any:
@@ -144,7 +136,7 @@ def _verify_files(root: Path, files: dict[str, Any]) -> None:
             raise BundleError(f"{root / INFO}: file {name!r} is outside the bundle")
         if not p.is_file():
             raise BundleError(f"{root}: not a complete bundle ({name} is missing)")
-        if _sha256(p) != digest:
+        if sha256_file(p) != digest:
             raise BundleError(f"{root / name}: does not match its checksum in {INFO} (damaged or changed after export)")
 
 

@@ -11,7 +11,6 @@ code. A damaged newest checkpoint falls back to the previous complete one.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -23,6 +22,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
+
+from .files import sha256_file
 
 COMPLETE, LATEST = "complete.json", "latest"
 TAG = re.compile(r"^step(\d{8})$")
@@ -76,14 +77,6 @@ def use_safe_loader(engine: Any) -> None:
 
 
 # --- completeness and checksums -------------------------------------------------------------
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -45,6 +45,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 from maskdiff.adapters import Adapter, InputError, Reject, Rejected, adapter_class, adapter_from_state
 from maskdiff.tokens import MISSING, MODALITIES, Field, Record, VocabMismatchError, VocabSpec
 
+from .files import sha256_file
+
 FORMAT, VERSION = "maskdiff-shards", 1
 MANIFEST, REJECTS = "manifest.json", "rejects.jsonl"
 STAGING_PREFIX = ".staging-"
@@ -396,14 +398,6 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # --- reading ---------------------------------------------------------------------------------
