@@ -42,6 +42,7 @@ among the parsed rows).
 
 from __future__ import annotations
 
+import codecs
 import math
 import re
 from collections import Counter
@@ -58,6 +59,7 @@ from maskdiff.tokens import MISSING, Field, Record, Support
 from .base import Adapter, CategoryVocab, InputError, Option, RawItem, Reject, Rejected, expand_inputs, open_binary, options_from
 
 DEFAULT_NA = "NA,N/A,?,NaN,null,NULL"
+NEWLINE = b"\n"
 
 
 def _names(text: str | None) -> list[str]:
@@ -196,6 +198,7 @@ class TabularAdapter(Adapter):
             bad.append((row.expected_columns, row.actual_columns, row.text))
             return "skip"
 
+        _check_utf8(path)
         parse = pacsv.ParseOptions(delimiter=self.options["delimiter"], invalid_row_handler=on_invalid)
         nulls = [""] + _names(self.options["na_values"])
         try:
@@ -207,8 +210,10 @@ class TabularAdapter(Adapter):
             convert = pacsv.ConvertOptions(column_types={n: pa.string() for n in names}, null_values=nulls, strings_can_be_null=True, quoted_strings_can_be_null=True)
             with open_binary(path) as f:
                 table = pacsv.read_csv(f, parse_options=parse, convert_options=convert)
+        except UnicodeDecodeError:
+            raise InputError(f"{path}: not a UTF-8 CSV file (a byte at the start of a header or a row is not UTF-8)") from None
         except (pa.ArrowException, OSError, EOFError) as e:
-            raise InputError(f"{path}: not a readable CSV file ({str(e).splitlines()[0]})") from None
+            raise InputError(f"{path}: not a readable CSV file ({(str(e).splitlines() or [type(e).__name__])[0]})") from None
         if table.num_rows == 0 and not bad:
             raise InputError(f"{path}: holds a header but no data rows")
         return table, _ragged_rejects(path, bad)
@@ -334,6 +339,23 @@ def _as_numbers(cells: list[Any], strict: bool) -> np.ndarray | None:
                 return None
             out[i] = np.nan
     return out
+
+
+def _check_utf8(path: Path) -> None:
+    """A CSV file must be UTF-8 (pyarrow would fail deep inside, or drop rows silently); name the first bad line."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    line = 1
+    with open_binary(path) as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            try:
+                line += decoder.decode(block).count("\n")
+            except UnicodeDecodeError as e:
+                bad_line = line + block[: e.start].count(NEWLINE)
+                raise InputError(f"{path}: not a UTF-8 CSV file (line {bad_line} holds bytes that are not UTF-8)") from None
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise InputError(f"{path}: not a UTF-8 CSV file (it ends inside a multi-byte character)") from None
 
 
 def _auto_bins(observed: int) -> int:

@@ -205,3 +205,53 @@ def test_config_loader(text: str) -> None:
         load_config(p)
     except ConfigError as e:
         _one_line(e)
+
+
+CSV_BYTES = st.one_of(st.binary(max_size=300),
+                      st.lists(st.sampled_from([b"a,b,c\n", b"1,2,3\n", b"x,,NA\n", b'"q,1",2,\n', b"inf,1e400,-1\n", b"\xef\xbb\xbf", b"\r\n",
+                                                b",,\n", b"1,2\n", b"\xff\xfe", b'"open\n', b"a,a,b\n", b"\x00"]), max_size=25).map(b"".join))
+
+
+@FUZZ
+@given(CSV_BYTES)
+def test_csv_table(data: bytes) -> None:
+    """The tabular adapter and the imputation reader: rows read or rejected with a reason, else one line."""
+    from maskdiff.adapters import TabularAdapter
+    from maskdiff.cli import UserError
+    from maskdiff.tables import read_table
+
+    path = _file("t.csv", data)
+    adapter = TabularAdapter()
+    try:
+        items = list(adapter.read([path]))
+        raws = [item[1] for item in items if not isinstance(item, Rejected)]
+        adapter.fit(raws)
+        for raw in raws:
+            try:
+                adapter.encode(raw)
+            except Reject as e:
+                _one_line(e)
+    except InputError as e:
+        _one_line(e)
+    try:
+        read_table(path, ",", ["NA"])
+    except UserError as e:
+        _one_line(e)
+
+
+@FUZZ
+@given(st.binary(max_size=200))
+def test_parquet_table(data: bytes) -> None:
+    from maskdiff.adapters import TabularAdapter
+    from maskdiff.cli import UserError
+    from maskdiff.tables import read_table
+
+    path = _file("t.parquet", b"PAR1" + data)
+    try:
+        list(TabularAdapter().read([path]))
+    except InputError as e:
+        _one_line(e)
+    try:
+        read_table(path)
+    except UserError as e:
+        _one_line(e)
