@@ -60,6 +60,7 @@ from .base import Adapter, CategoryVocab, InputError, Option, RawItem, Reject, R
 
 DEFAULT_NA = "NA,N/A,?,NaN,null,NULL"
 NEWLINE = b"\n"
+MAX_COLUMNS = 4096
 
 
 def _names(text: str | None) -> list[str]:
@@ -220,6 +221,8 @@ class TabularAdapter(Adapter):
 
     @staticmethod
     def _check_columns(path: Path, names: list[str]) -> None:
+        if len(names) > MAX_COLUMNS:
+            raise InputError(f"{path}: {len(names)} columns; at most {MAX_COLUMNS} are supported (one token per column and row)")
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise InputError(f"{path}: duplicate column names {dupes}")

@@ -170,3 +170,14 @@ def test_scikit_learn_imputer_in_a_pipeline():
     assert out.shape == frame.shape and imputer.n_features_in_ == 4
     with pytest.raises(ValueError, match="columns"):
         imputer.transform(arr)
+
+
+def test_a_row_of_100k_columns_is_refused_before_fitting(capsys):
+    tmp = scratch("wide")
+    (tmp / "wide.csv").write_text(",".join(f"c{i}" for i in range(100_000)) + "\n" + ",".join("1" for _ in range(100_000)) + "\n")
+    code, out, err = run_tool(capsys, "impute", "--input", tmp / "wide.csv", "--output", tmp / "o.csv", "--run-dir", tmp / "run")
+    assert code == 0 and "no cell is missing" in out  # nothing to fill: copied as it is
+    (tmp / "wide.csv").write_text(",".join(f"c{i}" for i in range(100_000)) + "\n" + ",".join("" for _ in range(100_000)) + "\n")
+    code, _, err = run_tool(capsys, "impute", "--input", tmp / "wide.csv", "--output", tmp / "p.csv", "--run-dir", tmp / "run")
+    assert code == 2 and "at most 4096 are supported" in err and not (tmp / "p.csv").exists()
+    assert not (tmp / "run").exists()  # a failed fit leaves no run directory behind

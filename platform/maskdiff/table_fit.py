@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import multiprocessing
+import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from .batch import collate
 from .cli import UserError
 from .config import RunConfig, to_run_config, validate
 from .joint import JointModel
-from .shards import ShardSet, write_shards
+from .shards import REJECTS, ShardSet, write_shards
 
 MIN_ROWS = 30  # fewer rows with observed cells than this: too little to learn a joint model from
 MAX_EPOCHS = 300  # passes over the rows; small tables need many, large ones reach the budget first
@@ -117,16 +118,27 @@ def fit_table(source: str | Path, run_dir: str | Path, *, minutes: float, adapte
     started = time.perf_counter()
     run_dir = Path(run_dir)
     if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
-        raise UserError(f"run directory {run_dir} already exists; pass --overwrite to replace it, or reuse it with --model {run_dir / 'bundle'}")
-    shard_dir, model_dir = run_dir / "shards", run_dir / "model"
+        raise UserError(f"run directory {run_dir} already exists; pass --overwrite to replace it, or reuse it with --model {run_dir / 'model' / 'bundle'}")
+    created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
-    manifest = write_shards("tabular", [source], shard_dir, progress=progress, overwrite=True, **dict(adapter_options or {}))
+    try:
+        return _fit(source, run_dir, minutes, dict(adapter_options or {}), seed, progress, log, started)
+    except BaseException:
+        if created:  # a failed fit leaves nothing behind that would block a retry
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def _fit(source: str | Path, run_dir: Path, minutes: float, adapter_options: dict[str, Any], seed: int, progress: bool,
+         log: Callable[[str], None], started: float) -> tuple[Path, FitPlan]:
+    shard_dir, model_dir = run_dir / "shards", run_dir / "model"
+    manifest = write_shards("tabular", [source], shard_dir, progress=progress, overwrite=True, **adapter_options)
     shards = ShardSet([shard_dir], rank=0, world_size=1)
     adapter = shards.adapters["tabular"]
     for name, why in adapter.passthrough.items():
         log(f"column {name!r} is passed through, not learned: {why}")
     if manifest["records_rejected"]:
-        log(f"{manifest['records_rejected']} row(s) could not be read and are left as they are (reasons in {shard_dir / 'rejects.jsonl'})")
+        log(f"{manifest['records_rejected']} row(s) could not be read and are left as they are (reasons in {shard_dir / REJECTS})")
     cfg = base_config(shard_dir, model_dir, seed)
     # the budget covers training; set-up, the engine start and imputation take about a fifth, at least 30 s
     train_s = max(10.0, minutes * 60 * 0.8 - 30 - (time.perf_counter() - started))
