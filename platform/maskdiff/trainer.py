@@ -666,8 +666,9 @@ class Trainer:
                        "heldout_bits_per_token": last["eval"], "tokens_per_s": result.tokens_per_s, "peak_mem_mb": last["mem"],
                        "parameters": n_params, "w": self.model.w_stats(), "skipped_steps": self.skipped_total}
             (self.run_dir / SUMMARY).write_text(json.dumps(summary, indent=1) + "\n")
-            self.log(f"{'done' if finished else 'stopped'} at step {stop}: held-out bits/token "
-                     + ", ".join(f"{m} {b:.3f}" for m, b in last["eval"].items()) + f"; {result.tokens_per_s:,.0f} tokens/s")
+            which, bits = ("held-out", last["eval"]) if last["eval"] else ("training", last["train"])  # no held-out split: say so
+            self.log(f"{'done' if finished else 'stopped'} at step {stop}: {which} bits/token "
+                     + ", ".join(f"{m} {b:.3f}" for m, b in bits.items()) + f"; {result.tokens_per_s:,.0f} tokens/s")
         dist.barrier()
         return result
 
