@@ -6,7 +6,7 @@ from __future__ import annotations
 import atexit
 import functools
 import gzip
-import importlib.util
+import importlib
 import shutil
 import tempfile
 from pathlib import Path
@@ -127,9 +127,5 @@ def built(modality: str) -> tuple[Path, dict[str, Any]]:
 
 
 def load_shard_cli() -> Any:
-    """tools/shard.py as a module (it is a script, not a package member)."""
-    spec = importlib.util.spec_from_file_location("shard_cli", ROOT / "tools" / "shard.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The shard command's module (tools/shard.py runs its main)."""
+    return importlib.import_module("maskdiff.commands.shard")

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from adapter_fixtures import PENGUINS, ROOT, SHAKESPEARE, UNIPROT, first_fasta_records, mnist_idx_head, scratch
 
+from maskdiff.commands import COMMANDS
+
 
 @functools.lru_cache(maxsize=None)
 def tiny_bundle() -> Path:
@@ -73,6 +75,9 @@ def tampered_bundle() -> Path:
 
 @functools.lru_cache(maxsize=None)
 def load_tool(name: str) -> Any:
+    """A command's module (maskdiff.commands), or another tool's script loaded from tools/."""
+    if name in COMMANDS:
+        return importlib.import_module(f"maskdiff.commands.{name}")
     spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)

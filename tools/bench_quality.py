@@ -44,6 +44,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 
 from maskdiff import cli  # noqa: E402
+from maskdiff.commands.impute import DEFAULT_MINUTES  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHES = ("tables", "likelihood", "images")
@@ -88,8 +89,7 @@ def bench_table(path: Path, args) -> dict:
     from maskdiff.table_fit import fit_table
     from maskdiff.tables import read_table, write_table
 
-    impute_tool = _load_tool("impute")
-    minutes = args.minutes or impute_tool.DEFAULT_MINUTES
+    minutes = args.minutes or DEFAULT_MINUTES
     truth = read_table(path, ",", ["NA", "N/A", "?", "NaN", "null", "NULL"])
     cells = hide_cells(truth, truth.columns, args.hide, np.random.default_rng(args.seed))
     hidden = with_hidden(truth, cells)
@@ -158,16 +158,6 @@ def _decode(F, books, columns, names, cells):
         j = where[columns[c]]
         out[(r, c)] = books[j][int(np.clip(round(F[r, j]), 0, len(books[j]) - 1))] if j in books else float(F[r, j])
     return out
-
-
-def _load_tool(name: str):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"maskdiff_tool_{name}", ROOT / "tools" / f"{name}.py")
-    assert spec and spec.loader
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def tables_markdown(results: list[dict]) -> str:

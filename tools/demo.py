@@ -25,7 +25,7 @@ problem with the input, 1 a stage failed.
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
 import json
 import os
 import shlex
@@ -64,19 +64,11 @@ class Stages:
 
     def __init__(self) -> None:
         self.times: dict[str, float] = {}
-        self._modules: dict[str, object] = {}
 
     def tool(self, name: str, *args: object) -> None:
         argv = [str(a) for a in args]
         log("$ python " + shlex.join([f"tools/{name}.py", *argv]))
-        mod = self._modules.get(name)
-        if mod is None:
-            spec = importlib.util.spec_from_file_location(f"maskdiff_tool_{name}", TOOLS / f"{name}.py")
-            assert spec and spec.loader
-            mod = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(mod)
-            self._modules[name] = mod
-        code = mod.main(argv)  # type: ignore[attr-defined]
+        code = importlib.import_module(f"maskdiff.commands.{name}").main(argv)
         if code != 0:
             raise SystemExit(code)
 

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Evaluate a trained model's ELBO on shards: bits per token per modality (bits per dimension for images).
 
 examples:

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Train one masked-diffusion model over several modalities from a config, under DeepSpeed.
 
 examples:

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Turn raw files into token shards that training reads.
 
 Writes DIR/<name>-000000.tar ... (webdataset), DIR/manifest.json (adapter state,

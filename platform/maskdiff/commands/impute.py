@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Fill the missing cells of a table, each conditioned on the observed cells of its row.
 
 examples:
@@ -50,7 +49,10 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads yield the core: no collapse under load
+# Read when torch loads OpenMP: idle OpenMP threads yield the core (no collapse under load).
+ENVIRONMENT = {"OMP_WAIT_POLICY": "PASSIVE"}
+for _key, _value in ENVIRONMENT.items():
+    os.environ.setdefault(_key, _value)
 
 from maskdiff import cli  # noqa: E402
 

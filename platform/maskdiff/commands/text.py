@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Infill or continue text with a trained model, from a template with masked spans.
 
 examples:

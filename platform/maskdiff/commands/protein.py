@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Generate or infill protein sequences with a trained model and write them as FASTA.
 
 examples:

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Sample images pixel by pixel from a trained model: unconditional, class-conditional, or inpainting.
 
 examples:
