@@ -12,7 +12,7 @@ import pytest
 from adapter_fixtures import PENGUINS, ROOT, scratch
 from tasks_fixtures import load_tool, run_tool, shard_dir, tampered_bundle, tiny_bundle
 
-TOOLS = ("sample", "impute", "protein", "text", "evaluate", "demo", "bench_quality")
+TOOLS = ("shard", "train", "sample", "impute", "protein", "text", "evaluate", "demo", "bench_quality")
 FAST = ("--steps", "4", "--no-progress")
 
 

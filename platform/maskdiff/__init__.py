@@ -9,8 +9,16 @@ from .tokens import MISSING, MODALITIES, Field, Record, Support, VocabMismatchEr
 
 __version__ = "0.1.0"
 
+
+def load(path, device="cpu"):
+    """A trained model bundle (``runs/<name>/bundle``, or the run directory): :func:`maskdiff.bundle.load_bundle`."""
+    from .bundle import load_bundle
+
+    return load_bundle(path, device=device)
+
+
 __all__ = [
     "Batch", "collate", "split", "ELBOResult", "elbo", "Denoiser", "DenoiserConfig", "sample", "time_grid",
     "ModalitySchedules", "Schedule", "make_schedule", "MISSING", "MODALITIES", "Field", "Record", "Support",
-    "VocabMismatchError", "VocabSpec",
+    "VocabMismatchError", "VocabSpec", "load",
 ]
