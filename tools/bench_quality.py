@@ -60,7 +60,7 @@ def build_parser():
     p.add_argument("--hide", type=float, default=0.2, help="tables: fraction of observed cells hidden (default 0.2)")
     p.add_argument("--per-class", type=int, default=20, help="images: samples per class (default 20)")
     p.add_argument("--steps", type=int, default=64, help="images: sampling steps (default 64)")
-    p.add_argument("--guidance", type=float, default=2.0, help="images: guidance weight of the guided run (default 2)")
+    p.add_argument("--guidance", type=float, default=3.0, help="images: guidance weight of the guided run (default 3)")
     p.add_argument("--limit", type=int, default=256, help="likelihood: held-out records per modality (default 256)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--output", metavar="FILE.json", help="write the JSON here instead of stdout")
