@@ -114,10 +114,3 @@ def test_evaluation_bookkeeping(bundle):
     assert s["bits_per_dim"] == s["fields"]["pixels/value"]["bits_per_token"]
     uni = unigram_bits(by_mod["tabular"], by_mod["tabular"], bundle.spec)
     assert 0 < uni["tabular"] < 8
-
-
-def test_consensus_of_draws_is_mode_or_mean():
-    from maskdiff.imputation_quality import consensus
-
-    draws = [{(0, 0): "a", (0, 1): 1.0}, {(0, 0): "b", (0, 1): 2.0}, {(0, 0): "a", (0, 1): 6.0}]
-    assert consensus(draws, ["cat", "num"], {"cat": "categorical", "num": "numeric"}) == {(0, 0): "a", (0, 1): 3.0}

@@ -7,12 +7,11 @@ otherwise reach for (column mode / mean) live here too.
 from __future__ import annotations
 
 from collections import Counter
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from .tables import Table, read_table
+from .tables import Table
 
 
 def hide_cells(table: Table, columns: Sequence[str], fraction: float, rng: np.random.Generator) -> list[tuple[int, int]]:
@@ -61,21 +60,6 @@ def score(truth: Table, cells: Sequence[tuple[int, int]], guesses: dict[tuple[in
     return out
 
 
-def consensus(draws: Sequence[dict[tuple[int, int], Any]], columns: Sequence[str], kinds: dict[str, str]) -> dict[tuple[int, int], Any]:
-    """Point estimate from multiple imputations: per cell, the most frequent draw
-    (categorical) or the mean of the draws (numeric). A single draw is a sample of the
-    conditional, so its accuracy is below that of the conditional's mode; compare
-    point-estimating baselines against this."""
-    out: dict[tuple[int, int], Any] = {}
-    for cell in draws[0]:
-        values = [d[cell] for d in draws]
-        if kinds[columns[cell[1]]] == "numeric":
-            out[cell] = float(np.mean([float(v) for v in values]))
-        else:
-            out[cell] = Counter(str(v).strip() for v in values).most_common(1)[0][0]
-    return out
-
-
 def mode_mean_baseline(train: Table, cells: Sequence[tuple[int, int]], kinds: dict[str, str]) -> dict[tuple[int, int], Any]:
     """Each hidden cell guessed as its column's most frequent value (categorical) or mean (numeric) in ``train``."""
     guess: dict[int, Any] = {}
@@ -87,20 +71,3 @@ def mode_mean_baseline(train: Table, cells: Sequence[tuple[int, int]], kinds: di
         else:
             guess[c] = Counter(map(str, observed)).most_common(1)[0][0]
     return {cell: guess[cell[1]] for cell in cells}
-
-
-def heldout_split(bundle) -> tuple[Table, Table]:
-    """(training rows, held-out rows) of the bundle's training table, by the trainer's split; raw text kept."""
-    from .generation import heldout_records
-
-    adapter = bundle.adapters["tabular"]
-    data = bundle.config.data
-    src = Path(data.build[data.sources["tabular"].dirs[0]].inputs[0])
-    na = [v.strip() for v in adapter.options["na_values"].split(",") if v.strip()]
-    full = read_table(src, adapter.options["delimiter"], na)
-    rows = sorted({int(r.meta["id"].rsplit("#", 1)[1]) for r in heldout_records(bundle, "tabular")[1]})
-    held = set(rows)
-    train = Table(full.columns, [v for i, v in enumerate(full.values) if i not in held], "csv",
-                  raw=[full.raw[0]] + [full.raw[i + 1] for i in range(full.num_rows) if i not in held])
-    test = Table(full.columns, [full.values[i] for i in rows], "csv", raw=[full.raw[0]] + [full.raw[i + 1] for i in rows])
-    return train, test
