@@ -125,3 +125,34 @@ def test_stream_replays_to_a_position(tmp_path_factory: pytest.TempPathFactory) 
             assert torch.equal(a.tokens, b.tokens) and torch.equal(a.support_ids, b.support_ids)
     mixed = {m for b in head for m in b.modality_ids[~b.pad].unique().tolist()}
     assert len(mixed) == 2 and any(b.pad.any() for b in head)  # both modalities, padded batches
+
+
+def test_learning_rate_decay_follows_the_time_budget_when_it_runs_out_first() -> None:
+    from maskdiff.config import load_config, to_run_config
+    from maskdiff.trainer import TimeBudget, lr_lambda
+
+    rc = to_run_config(load_config(TINY, ["train.steps=1000", "optim.warmup_steps=10", "optim.decay=cosine", "optim.min_lr_ratio=0.1"]))
+    budget = TimeBudget(1.0, torch.device("cpu"), 1)
+    f = lr_lambda(rc, budget)
+    at_step_100 = f(100)  # 90 of 990 decay steps
+    assert at_step_100 == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 90 / 990)))
+    budget.spent = 0.5  # half the time is gone: the decay is half way although the steps are not
+    assert f(100) == pytest.approx(0.1 + 0.9 * 0.5) and f(5) == pytest.approx(0.6)  # warmup is by steps
+    budget.spent = 2.0
+    assert f(100) == pytest.approx(0.1)
+    assert TimeBudget(None, torch.device("cpu"), 1).tick() is False
+
+
+def test_a_time_budget_stops_the_run_with_a_bundle(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    run = tmp_path / "timed"
+    res = run_train(tiny_args(tiny_shard_root(tmp_path_factory), run, "train.steps=100000", "train.minutes=0.05",
+                              "train.log_every=1000000", "train.eval_every=1000000", "optim.warmup_steps=1"))
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["finished"] and summary["out_of_time"] and 1 <= summary["step"] < 100000
+    assert "train.minutes=0.05 spent" in res.stderr
+    assert (run / "bundle" / "bundle.json").is_file()
+    from maskdiff.config import load_config, to_run_config
+
+    optim = to_run_config(load_config(run / "config.yaml")).optim
+    last = metrics(run, "train")[-1]
+    assert last["step"] == summary["step"] and last["lr"] == pytest.approx(optim.lr * optim.min_lr_ratio, rel=1e-3)  # decayed to the floor

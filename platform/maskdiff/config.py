@@ -10,6 +10,7 @@ cannot (known schedule kinds, a source per modality, ranges).
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,6 +112,9 @@ class DeepSpeedSection:
 @dataclass
 class TrainConfig:
     steps: int = 200  # optimizer steps
+    # wall-clock budget of the step loop: the run stops (and exports its bundle) when it is
+    # spent, and the learning-rate decay follows whichever of steps and time runs out first
+    minutes: Optional[float] = None
     log_every: int = 10
     eval_every: int = 100
     eval_batches: int = 4  # held-out micro-batches per process and evaluation
@@ -268,6 +272,7 @@ def validate(rc: RunConfig) -> None:
     _check(ds.grad_accum >= 1, "deepspeed.grad_accum", "must be >= 1")
     t = rc.train
     _check(t.steps >= 1, "train.steps", "must be >= 1")
+    _check(t.minutes is None or (math.isfinite(t.minutes) and t.minutes > 0), "train.minutes", f"must be a number > 0, got {t.minutes}")
     for name in ("log_every", "eval_every", "checkpoint_every"):
         _check(getattr(t, name) >= 1, f"train.{name}", "must be >= 1")
     _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")

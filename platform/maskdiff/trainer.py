@@ -104,8 +104,41 @@ def device_for(local_rank: int) -> torch.device:
 # --- optimizer and engine ----------------------------------------------------------------------
 
 
-def lr_lambda(rc: RunConfig) -> Callable[[int], float]:
-    """Multiplier of the base learning rate at a step: linear warmup, then the configured decay."""
+class TimeBudget:
+    """``train.minutes``: the share of the loop's wall-clock budget spent, agreed by every process.
+
+    All ranks must stop at the same step and use the same learning rate, so the
+    fraction is the maximum over ranks (one scalar all-reduce per step).
+    """
+
+    def __init__(self, minutes: float | None, device: torch.device, world: int):
+        self.limit_s = None if minutes is None else minutes * 60.0
+        self.device, self.world = device, world
+        self.started = time.perf_counter()
+        self.spent = 0.0  # fraction of the budget, in [0, inf)
+
+    def restart(self) -> None:
+        self.started, self.spent = time.perf_counter(), 0.0
+
+    def tick(self) -> bool:
+        """Update the fraction spent; True once the budget is used up."""
+        if self.limit_s is None:
+            return False
+        spent = (time.perf_counter() - self.started) / self.limit_s
+        if self.world > 1:
+            t = torch.tensor([spent], dtype=torch.float64, device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            spent = float(t.item())
+        self.spent = spent
+        return spent >= 1.0
+
+
+def lr_lambda(rc: RunConfig, budget: TimeBudget | None = None) -> Callable[[int], float]:
+    """Multiplier of the base learning rate at a step: linear warmup, then the configured decay.
+
+    With a time budget the decay follows whichever runs out first, the steps or
+    the time, so a run stopped by ``train.minutes`` still ends at the low rate.
+    """
     o, total = rc.optim, rc.train.steps
 
     def f(step: int) -> float:
@@ -113,7 +146,7 @@ def lr_lambda(rc: RunConfig) -> Callable[[int], float]:
             return (step + 1) / o.warmup_steps
         if o.decay == "constant":
             return 1.0
-        progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
+        progress = min(1.0, max((step - o.warmup_steps) / max(1, total - o.warmup_steps), budget.spent if budget else 0.0))
         shape = 0.5 * (1 + math.cos(math.pi * progress)) if o.decay == "cosine" else 1.0 - progress
         return o.min_lr_ratio + (1.0 - o.min_lr_ratio) * shape
 
@@ -467,7 +500,8 @@ class Trainer:
         torch.manual_seed(self.rc.seed)
         self.model = JointModel(self.spec, self.rc)
         self.optimizer = make_optimizer(self.model, self.rc)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(self.rc))
+        self.budget = TimeBudget(self.rc.train.minutes, self.device, self.world)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(self.rc, self.budget))
         self.engine, _, _, self.scheduler = deepspeed.initialize(model=self.model, optimizer=self.optimizer, lr_scheduler=scheduler,
                                                                  config=deepspeed_config(self.rc))
         use_safe_loader(self.engine)
@@ -622,13 +656,18 @@ class Trainer:
         tally, window_time, train_time = Tally(), 0.0, 0.0
         last = {"train": {}, "eval": {}, "tps": 0.0, "mem": 0.0}
         total_tokens, skipped, in_a_row = 0, 0, 0
-        self.started = True
+        self.started, out_of_time = True, False
+        self.budget.restart()
         for step in range(start + 1, stop + 1):
             t0 = time.perf_counter()
             applied = self._train_step(it, tally)
             in_a_row = self._guard(step, applied, in_a_row)
             skipped += not applied
             window_time += time.perf_counter() - t0
+            if self.budget.tick() and step < stop:  # train.minutes spent: this step is the last
+                stop, out_of_time = step, True
+                if bar is not None:
+                    bar.total = stop
             if bar is not None:
                 bar.update(1)
             if step % t.log_every == 0 or step == stop:
@@ -649,9 +688,13 @@ class Trainer:
                 last["eval"] = self._eval_record(heldout, step, stop, metrics, bar)
             if step % t.checkpoint_every == 0 or step == stop:
                 self.save_checkpoint(step)
+            if step == stop:  # reached train.steps, --until, or the end of train.minutes
+                break
         if bar is not None:
             bar.close()
-        finished = stop == t.steps
+        finished = stop == t.steps or out_of_time
+        if out_of_time:
+            self.log(f"train.minutes={t.minutes:g} spent: stopping at step {stop} of {t.steps}")
         bundle = None
         if finished and self.is_main:
             lengths = {m: self._training_lengths(m) for m in self.sets if m in ("text", "protein")}
@@ -662,7 +705,7 @@ class Trainer:
                 plot_metrics(self.run_dir / METRICS, self.run_dir / "plots")
         result = RunResult(self.run_dir, stop, finished, last["train"], last["eval"], total_tokens / max(train_time, 1e-9), last["mem"], bundle)
         if self.is_main:
-            summary = {"step": stop, "finished": finished, "processes": self.world, "train_bits_per_token": last["train"],
+            summary = {"step": stop, "finished": finished, "out_of_time": out_of_time, "processes": self.world, "train_bits_per_token": last["train"],
                        "heldout_bits_per_token": last["eval"], "tokens_per_s": result.tokens_per_s, "peak_mem_mb": last["mem"],
                        "parameters": n_params, "w": self.model.w_stats(), "skipped_steps": self.skipped_total}
             (self.run_dir / SUMMARY).write_text(json.dumps(summary, indent=1) + "\n")
