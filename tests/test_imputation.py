@@ -181,3 +181,58 @@ def test_a_row_of_100k_columns_is_refused_before_fitting(capsys):
     code, _, err = run_tool(capsys, "impute", "--input", tmp / "wide.csv", "--output", tmp / "p.csv", "--run-dir", tmp / "run")
     assert code == 2 and "at most 4096 are supported" in err and not (tmp / "p.csv").exists()
     assert not (tmp / "run").exists()  # a failed fit leaves no run directory behind
+
+
+# --- held-out calibration ----------------------------------------------------------------------
+
+
+def test_validation_cells_take_a_tenth_of_each_column_within_bounds():
+    from maskdiff.imputation_calibration import validation_cells
+
+    rows = [[str(i), str(i) if i % 2 else None, str(i) if i < 40 else None] for i in range(1000)]
+    table = Table(["full", "half", "few"], rows, "frame")
+    cells = validation_cells(table, ["full", "half", "few"], np.random.default_rng(0))
+    per = {c: [r for r, cc in cells if cc == c] for c in range(3)}
+    assert len(per[0]) == 100 and len(per[1]) == 50 and len(per[2]) == 10  # 10%; 10% of 500; at most a quarter of 40
+    assert all(rows[r][c] is not None for r, c in cells) and len(set(cells)) == len(cells)
+
+
+def test_calibration_shrinks_an_overconfident_guess_to_the_least_squares_weight_and_falls_back_to_the_mode():
+    from maskdiff.imputation_calibration import calibrated, fit_calibration, from_info, to_json
+
+    rng = np.random.default_rng(0)
+    y = rng.normal(5.0, 2.0, 200)
+    train = Table(["x", "k"], [[None, None]] * 200 + [[5.0, "a"]] * 10, "frame")  # column mean 5, mode a
+    truth = Table(["x", "k"], [[float(v), "ab"[i % 5 == 0]] for i, v in enumerate(y)] + train.values[200:], "frame")
+    cells = [(r, 0) for r in range(200)] + [(r, 1) for r in range(200)]
+    noise = rng.normal(0, 1, 200)
+    guesses = {(r, 0): 5.0 + 2.0 * (y[r] - 5.0 + noise[r]) for r in range(200)}  # twice too far from the mean
+    guesses |= {(r, 1): "b" if r % 2 else "a" for r in range(200)}  # right on 50%; the mode a is right on 80%
+    cal = fit_calibration(truth, train, cells, guesses, {"x": "numeric", "k": "categorical"}, {"x": False})
+    d = np.array([guesses[(r, 0)] - 5.0 for r in range(200)])
+    expected = float(d @ (y - 5.0) / (d @ d))  # least squares, computed here from its definition
+    assert 0.3 < expected < 0.6 and cal["x"].shrink == pytest.approx(expected, abs=1e-6)
+    fixed = calibrated(guesses, truth.columns, from_info({"imputation_calibration": to_json(cal)}))
+    err = lambda g: np.sqrt(np.mean([(g[(r, 0)] - y[r]) ** 2 for r in range(200)]))  # noqa: E731
+    assert err(fixed) < err(guesses) and err(fixed) <= cal["x"].baseline + 1e-9
+    assert cal["k"].mode == "a" and all(fixed[(r, 1)] == "a" for r in range(200))
+    # a guess that is better than the mean is kept as it is
+    good = {(r, 0): float(y[r]) for r in range(200)} | {(r, 1): truth.values[r][1] for r in range(200)}
+    cal = fit_calibration(truth, train, cells, good, {"x": "numeric", "k": "categorical"}, {"x": False})
+    assert cal["x"].shrink == 1.0 and cal["k"].mode is None
+
+
+def test_best_guesses_apply_the_bundles_calibration_and_draws_do_not():
+    from maskdiff.imputation_calibration import ColumnCalibration, to_json
+
+    bundle = toy_bundle(lambda x_t, spec: probs(spec, [0.0, 0.0, 0.0, 1.0], [0.9, 0.1, 0.0]))
+    means = bundle.adapters["tabular"].columns["x"].means
+    bundle.info = {"imputation_calibration": to_json({"x": ColumnCalibration("numeric", 50, 1.0, 1.0, shrink=0.25, mean=10.0),
+                                                      "c": ColumnCalibration("categorical", 50, 0.5, 0.6, mode="b")})}
+    table = Table(["x", "c"], [[None, None]], "frame")
+    best = impute(bundle, table).draws[0]
+    assert best[(0, 0)] == pytest.approx(10.0 + 0.25 * (means[3] - 10.0)) and best[(0, 1)] == "b"
+    raw = impute(bundle, table, calibrate=False).draws[0]
+    assert raw[(0, 0)] == pytest.approx(means[3]) and raw[(0, 1)] == "a"
+    drawn = impute(bundle, table, draws=1, seed=0).draws[0]
+    assert means[2] < float(drawn[(0, 0)]) <= 99 and drawn[(0, 1)] in "ab"

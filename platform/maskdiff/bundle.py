@@ -41,6 +41,9 @@ FORMAT, VERSION = "maskdiff-bundle", 1
 WEIGHTS, CONFIG, VOCAB, INFO, ADAPTERS = "model.safetensors", "config.yaml", "vocab.json", "bundle.json", "adapters"
 
 
+CORE_KEYS = ("format", "version", "step", "vocab_fingerprint", "modalities", "parameters", "metrics", "lengths", "files")
+
+
 class BundleError(ValueError):
     """A bundle directory is missing, incomplete or inconsistent; the message names the file."""
 
@@ -94,6 +97,20 @@ def export_bundle(out: str | Path, model: torch.nn.Module, cfg: DictConfig, spec
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return out
+
+
+def annotate(path: str | Path, key: str, value: Any) -> None:
+    """Add ``key: value`` to a bundle's ``bundle.json`` (what was learned about the model after export,
+    e.g. the imputation calibration); the file is replaced atomically. The weights, config and
+    vocabulary keep their checksums; the core keys cannot be overwritten."""
+    root = Path(path)
+    info = _read_info(root)
+    if key in CORE_KEYS:
+        raise BundleError(f"{root / INFO}: '{key}' is written by the export and cannot be replaced")
+    info[key] = value
+    tmp = root / f".{INFO}.tmp{os.getpid()}"
+    tmp.write_text(json.dumps(info, indent=1, allow_nan=False) + "\n")
+    os.replace(tmp, root / INFO)
 
 
 def _swap(stage: Path, out: Path) -> None:

@@ -42,6 +42,7 @@ from maskdiff.adapters import CategoryVocab, Reject
 
 from .batch import Batch, collate
 from .cli import UserError, atomic_path
+from .imputation_calibration import calibrated, from_info
 from .outputs import SupportGroup, support_logits
 from .tables import Table
 from .tokens import MISSING, Record
@@ -208,8 +209,12 @@ def _pick_cells(heads: ColumnHeads, groups: Sequence[SupportGroup], masked: Tens
 
 
 def impute(bundle, table: Table, *, draws: int = 0, temperature: float = 1.0, passthrough: Sequence[str] = (), batch_size: int = 512,
-           device: str = "cpu", progress: bool = False, seed: int = 0) -> Imputation:
-    """Fill every missing cell of the model's columns in ``table``: the best guess (``draws=0``) or ``draws`` random draws."""
+           device: str = "cpu", progress: bool = False, seed: int = 0, calibrate: bool = True) -> Imputation:
+    """Fill every missing cell of the model's columns in ``table``: the best guess (``draws=0``) or ``draws`` random draws.
+
+    A best guess is corrected by the bundle's held-out calibration when it has
+    one and ``calibrate`` (see :mod:`maskdiff.imputation_calibration`).
+    """
     if draws < 0:
         raise UserError(f"--draws {draws}: must be >= 0")
     if not math.isfinite(temperature) or temperature <= 0:
@@ -242,6 +247,8 @@ def impute(bundle, table: Table, *, draws: int = 0, temperature: float = 1.0, pa
                     if c in sure:
                         confidence[(r, col_index[c])] = sure[c]
         results.append(out)
+    if draws == 0 and calibrate:
+        results = [calibrated(results[0], table.columns, from_info(getattr(bundle, "info", {})))]
     return Imputation(table, cells, results, kinds, confidence, calls)
 
 

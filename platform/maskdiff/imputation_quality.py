@@ -10,6 +10,7 @@ from collections import Counter
 from typing import Any, Sequence
 
 import numpy as np
+import pyarrow as pa
 
 from .tables import Table
 
@@ -33,7 +34,13 @@ def with_hidden(table: Table, cells: Sequence[tuple[int, int]]) -> Table:
         values[r][c] = None
         if raw:
             raw[r + 1][0][c] = ""
-    return Table(list(table.columns), values, table.kind, raw=raw, arrow=table.arrow)
+    arrow = table.arrow
+    if arrow is not None:  # the Arrow columns too, so a Parquet copy is written with the cells null
+        cols = [arrow.column(i).to_pylist() for i in range(arrow.num_columns)]
+        for r, c in cells:
+            cols[c][r] = None
+        arrow = pa.Table.from_arrays([pa.array(v, type=arrow.schema.field(i).type) for i, v in enumerate(cols)], schema=arrow.schema)
+    return Table(list(table.columns), values, table.kind, raw=raw, arrow=arrow)
 
 
 def score(truth: Table, cells: Sequence[tuple[int, int]], guesses: dict[tuple[int, int], Any], kinds: dict[str, str]) -> dict[str, dict[str, float]]:

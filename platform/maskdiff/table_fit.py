@@ -1,18 +1,23 @@
-"""Learn a model of one table from its own observed cells: shard, size, train under a time budget.
+"""Learn a model of one table from its own observed cells: shard, size, train under a time budget, calibrate.
 
 :func:`fit_table` is what ``tools/impute.py`` runs when no ``--model`` is
 given, and what :class:`maskdiff.imputer.MaskdiffImputer` runs in ``fit``:
 
-1. shard the table into ``RUN/shards`` (missing cells are not tokens, so only
+1. set aside a tenth of the observed cells of each column for calibration
+   (:func:`maskdiff.imputation_calibration.validation_cells`) and write the
+   rest as ``RUN/fit-input.<csv|parquet>``;
+2. shard that into ``RUN/shards`` (missing cells are not tokens, so only
    observed cells are learned; free-text, date and empty columns are passed
    through, see :mod:`maskdiff.adapters.tabular`);
-2. choose the model, the batch and the number of steps from the table and the
-   budget (:func:`plan_fit`): batches of about a tenth of the rows (16 to 256),
-   the step time measured on this machine, as many steps as fit in the budget
-   up to ``MAX_EPOCHS`` passes over the rows;
-3. train with the regular trainer (DeepSpeed, one process) in ``RUN/model``,
+3. choose the batch and the step cap from the table (:func:`plan_fit`):
+   batches of about a tenth of the rows (16 to 256), at most ``MAX_EPOCHS``
+   passes; training stops when the budget is spent (``train.minutes``,
+   which the learning-rate decay follows too);
+4. train with the regular trainer (DeepSpeed, one process) in ``RUN/model``,
    which holds the configuration it used (``config.yaml``), the metrics and
-   the bundle (``RUN/model/bundle``, reusable with ``--model``).
+   the bundle (``RUN/model/bundle``, reusable with ``--model``);
+5. fill the set-aside cells and store each column's correction in the
+   bundle (:func:`calibrate`).
 """
 
 from __future__ import annotations
@@ -24,20 +29,25 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .batch import collate
+from maskdiff.adapters.tabular import DEFAULT_NA
+
 from .cli import UserError
 from .config import RunConfig, to_run_config, validate
-from .joint import JointModel
+from .imputation_calibration import BUNDLE_KEY, fit_calibration, to_json, validation_cells
+from .imputation_quality import with_hidden
 from .shards import REJECTS, ShardSet, write_shards
+from .tables import Table, read_table, write_table
 
 MIN_ROWS = 30  # fewer rows with observed cells than this: too little to learn a joint model from
 MAX_EPOCHS = 300  # passes over the rows; small tables need many, large ones reach the budget first
-MIN_STEPS = 100
+START_S = 30.0  # the trainer's start in its own process (imports, DeepSpeed's engine)
+FILL_S_PER_ROW = 0.004  # one imputation pass, per row, on a busy 2-core machine (measured: about 2 ms quiet)
 
 
 @dataclass(frozen=True)
@@ -47,18 +57,16 @@ class FitPlan:
     rows: int
     row_tokens: int
     batch_rows: int
-    steps: int
-    epochs: float
-    seconds_per_step: float
-    budget_s: float
+    steps: int  # at most; the time budget usually ends training first
+    budget_s: float  # of the training loop (``train.minutes``)
 
     def describe(self) -> str:
-        return (f"{self.rows} rows x {self.row_tokens} learned columns; batches of {self.batch_rows} rows; {self.steps} steps "
-                f"({self.epochs:.0f} passes, about {self.steps * self.seconds_per_step / 60:.1f} min at {self.seconds_per_step * 1000:.0f} ms/step)")
+        return (f"{self.rows} rows x {self.row_tokens} learned columns; batches of {self.batch_rows} rows; "
+                f"up to {self.steps} steps ({MAX_EPOCHS} passes), at most {self.budget_s / 60:.1f} min of training")
 
 
 def base_config(shard_dir: Path, run_dir: Path, seed: int = 0) -> DictConfig:
-    """The recipe for one table; :func:`plan_fit` fills in the batch and the steps."""
+    """The recipe for one table; :func:`plan_fit` fills in the batch, the steps and the time."""
     recipe: dict[str, Any] = {
         "name": run_dir.name,
         "seed": seed,
@@ -75,44 +83,23 @@ def base_config(shard_dir: Path, run_dir: Path, seed: int = 0) -> DictConfig:
     return OmegaConf.merge(OmegaConf.structured(RunConfig), recipe)  # type: ignore[return-value]
 
 
-def measure_step(cfg: DictConfig, shards: ShardSet, batch_rows: int, repeats: int = 4) -> float:
-    """Seconds per optimiser step of this configuration on this machine (after one warm-up step)."""
-    rc = to_run_config(cfg)
-    torch.manual_seed(0)
-    model = JointModel(shards.spec, rc)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    records = []
-    for rec in shards:
-        records.append(rec)
-        if len(records) == batch_rows:
-            break
-    batch = collate(records, shards.spec)
-    times = []
-    for _ in range(repeats + 1):
-        t0 = time.perf_counter()
-        loss = model(batch).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        times.append(time.perf_counter() - t0)
-    return sorted(times[1:])[len(times[1:]) // 2]
-
-
-def plan_fit(rows: int, row_tokens: int, budget_s: float, seconds_per_step: Callable[[int], float]) -> FitPlan:
-    """Batch, steps and passes for ``rows`` rows within ``budget_s`` seconds of training."""
+def plan_fit(rows: int, row_tokens: int, budget_s: float) -> FitPlan:
+    """Batch and step cap for ``rows`` rows; training stops after ``budget_s`` seconds or the cap."""
     if rows < MIN_ROWS:
         raise UserError(f"the table has {rows} rows with observed cells; at least {MIN_ROWS} are needed to learn from it")
     batch_rows = int(min(256, max(16, rows // 10)))
-    per_step = seconds_per_step(batch_rows)
-    steps_in_budget = int(budget_s / per_step)
-    steps_for_epochs = math.ceil(MAX_EPOCHS * rows / batch_rows)
-    steps = max(MIN_STEPS, min(steps_in_budget, steps_for_epochs))
-    return FitPlan(rows, row_tokens, batch_rows, steps, steps * batch_rows / rows, per_step, budget_s)
+    return FitPlan(rows, row_tokens, batch_rows, math.ceil(MAX_EPOCHS * rows / batch_rows), budget_s)
+
+
+def training_budget(minutes: float, spent_s: float, rows: int) -> float:
+    """Seconds of ``minutes`` left for the training loop after what was spent and what comes after it:
+    the trainer's start (about half a minute) and two imputation passes (calibration, then the table)."""
+    return max(10.0, minutes * 60 - spent_s - START_S - 2 * FILL_S_PER_ROW * rows)
 
 
 def fit_table(source: str | Path, run_dir: str | Path, *, minutes: float, adapter_options: Mapping[str, Any] | None = None,
               seed: int = 0, overwrite: bool = False, progress: bool = False, log: Callable[[str], None] = print) -> tuple[Path, FitPlan]:
-    """Shard ``source`` (CSV or Parquet) into ``run_dir``, train within ``minutes``; return the bundle and the plan."""
+    """Shard ``source`` (CSV or Parquet) into ``run_dir``, train within ``minutes``, calibrate; return the bundle and the plan."""
     if not math.isfinite(minutes) or minutes <= 0:
         raise UserError(f"--minutes {minutes}: must be a finite number > 0")
     started = time.perf_counter()
@@ -122,32 +109,62 @@ def fit_table(source: str | Path, run_dir: str | Path, *, minutes: float, adapte
     created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
-        return _fit(source, run_dir, minutes, dict(adapter_options or {}), seed, progress, log, started)
+        return _fit(Path(source), run_dir, minutes, dict(adapter_options or {}), seed, progress, log, started)
     except BaseException:
         if created:  # a failed fit leaves nothing behind that would block a retry
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
 
 
-def _fit(source: str | Path, run_dir: Path, minutes: float, adapter_options: dict[str, Any], seed: int, progress: bool,
+def _fit(source: Path, run_dir: Path, minutes: float, adapter_options: dict[str, Any], seed: int, progress: bool,
          log: Callable[[str], None], started: float) -> tuple[Path, FitPlan]:
     shard_dir, model_dir = run_dir / "shards", run_dir / "model"
-    manifest = write_shards("tabular", [source], shard_dir, progress=progress, overwrite=True, **adapter_options)
-    shards = ShardSet([shard_dir], rank=0, world_size=1)
-    adapter = shards.adapters["tabular"]
+    delimiter = adapter_options.get("delimiter", ",")
+    table = read_table(source, delimiter, _names(adapter_options.get("na_values", DEFAULT_NA)))
+    given = set(_names(adapter_options.get("passthrough")))
+    held = validation_cells(table, [c for c in table.columns if c not in given], np.random.default_rng(seed))
+    learn_from = with_hidden(table, held)
+    fit_input = write_table(learn_from, {}, run_dir / f"fit-input{'.parquet' if table.kind == 'parquet' else source.suffix or '.csv'}", delimiter)
+    manifest = write_shards("tabular", [fit_input], shard_dir, progress=progress, overwrite=True, **adapter_options)
+    adapter = ShardSet([shard_dir], rank=0, world_size=1).adapters["tabular"]
     for name, why in adapter.passthrough.items():
         log(f"column {name!r} is passed through, not learned: {why}")
     if manifest["records_rejected"]:
         log(f"{manifest['records_rejected']} row(s) could not be read and are left as they are (reasons in {shard_dir / REJECTS})")
-    cfg = base_config(shard_dir, model_dir, seed)
-    # the budget covers training; set-up, the engine start and imputation take about a fifth, at least 30 s
-    train_s = max(10.0, minutes * 60 * 0.8 - 30 - (time.perf_counter() - started))
-    plan = plan_fit(manifest["records_written"], len(adapter.columns), train_s,
-                    lambda rows: measure_step(cfg, shards, rows))
-    cfg = OmegaConf.merge(cfg, {"data": {"batch_tokens": plan.batch_rows * plan.row_tokens}, "train": {"steps": plan.steps}})
+    plan = plan_fit(manifest["records_written"], len(adapter.columns),
+                    training_budget(minutes, time.perf_counter() - started, table.num_rows))
+    cfg = OmegaConf.merge(base_config(shard_dir, model_dir, seed),
+                          {"data": {"batch_tokens": plan.batch_rows * plan.row_tokens}, "train": {"steps": plan.steps, "minutes": plan.budget_s / 60}})
     validate(to_run_config(cfg))
-    log(f"fitting {source}: {plan.describe()}; {torch.get_num_threads()} thread(s); run directory {run_dir}")
-    return train_in_child(cfg, progress), plan
+    log(f"fitting {source}: {plan.describe()}; {len(held)} observed cells set aside to calibrate; "
+        f"{torch.get_num_threads()} thread(s); run directory {run_dir}")
+    bundle = train_in_child(cfg, progress)
+    calibrate(bundle, table, learn_from, held, log)
+    return bundle, plan
+
+
+def calibrate(bundle_path: Path, truth: Table, learn_from: Table, held: Sequence[tuple[int, int]], log: Callable[[str], None]) -> None:
+    """Fill the set-aside cells with the trained model and store each column's correction in the bundle."""
+    from .bundle import annotate, load_bundle
+    from .imputation import impute
+
+    bundle = load_bundle(bundle_path)
+    adapter = bundle.adapters["tabular"]
+    held = [(r, c) for r, c in held if truth.columns[c] in adapter.columns]
+    rows = sorted({r for r, _ in held})
+    at = {r: i for i, r in enumerate(rows)}
+    filled = impute(bundle, Table(learn_from.columns, [learn_from.values[r] for r in rows], "frame"), calibrate=False).draws[0]
+    guesses = {(r, c): filled[(at[r], c)] for r, c in held}
+    kinds = {c: adapter.kind(c) for c in adapter.columns}
+    integer = {c: bool(getattr(adapter.columns[c], "integer", False)) for c in adapter.columns}
+    calibration = fit_calibration(truth, learn_from, held, guesses, kinds, integer)
+    annotate(bundle_path, BUNDLE_KEY, to_json(calibration))
+    for name, cal in calibration.items():
+        log(cal.describe(name))
+
+
+def _names(text: str | None) -> list[str]:
+    return [v.strip() for v in (text or "").split(",") if v.strip()]
 
 
 def train_in_child(cfg: DictConfig, progress: bool = False) -> Path:
@@ -171,4 +188,4 @@ def _train(config_yaml: str, progress: bool) -> str:
     return str(result.bundle)
 
 
-__all__ = ["FitPlan", "MAX_EPOCHS", "MIN_ROWS", "base_config", "fit_table", "measure_step", "plan_fit"]
+__all__ = ["FitPlan", "MAX_EPOCHS", "MIN_ROWS", "base_config", "calibrate", "fit_table", "plan_fit", "training_budget"]
