@@ -106,6 +106,11 @@ class NumericBins:
     def size(self) -> int:
         return self.edges.size - 1
 
+    def coordinates(self) -> tuple[float, ...]:
+        """Each bin's mean on a standardised number line (the spread of the bin means; 0 when one bin)."""
+        spread = float(self.means.std())
+        return tuple(((self.means - self.means.mean()) / spread).tolist()) if spread > 0 else (0.0,) * self.size
+
     def encode(self, x: float) -> int:
         return int(np.searchsorted(self.edges[1:-1], x, side="right"))
 
@@ -291,7 +296,8 @@ class TabularAdapter(Adapter):
     def supports(self) -> list[Support]:
         if self.columns is None:
             raise RuntimeError("tabular adapter is not fitted")
-        return [Support(f"tabular/col:{n}", "tabular", c.size) for n, c in self.columns.items()]
+        return [Support(f"tabular/col:{n}", "tabular", c.size, c.coordinates() if isinstance(c, NumericBins) else None)
+                for n, c in self.columns.items()]
 
     def kind(self, column: str) -> str:
         """``numeric`` or ``categorical``."""

@@ -93,3 +93,28 @@ def test_support_logits_are_the_dense_output_at_the_asked_positions():
         r = SPEC.id_range(SPEC.supports[g.support].name)
         assert g.logits.shape == (len(g.rows), len(r))
         torch.testing.assert_close(torch.log_softmax(g.logits, -1), dense[g.rows, r.start : r.stop], rtol=1e-5, atol=1e-5)
+
+
+def test_numeric_coordinates_are_embedded_in_and_out_and_kept_by_the_spec(tmp_path):
+    coords = (-1.5, -0.5, 0.0, 0.5, 1.5)
+    spec = VocabSpec([Support("text/bpe", "text", 20), Support("tabular/col:x", "tabular", 5, coords)])
+    assert spec.fingerprint() == SPEC.fingerprint()  # metadata: the id layout is the same
+    spec.save(tmp_path / "vocab.json")
+    assert VocabSpec.load(tmp_path / "vocab.json").supports[1].coords == coords
+    with pytest.raises(ValueError, match="coords must be 5 finite numbers"):
+        Support("tabular/col:x", "tabular", 5, (0.0, 1.0))
+    assert Denoiser(SPEC, CFG).coord_in is None  # no coordinates, no extra parameters
+    torch.manual_seed(0)
+    model = Denoiser(spec, CFG).eval()
+    batch = collate([Record([Field("text", "text/bpe", [1, 2, 3, 4, 5, 6]), Field("col:x", "tabular/col:x", [0])])] + records()[1:], spec)
+    # the same tokens under other coordinates give other outputs: the coordinates are used, in and out
+    moved = Denoiser(VocabSpec([spec.supports[0], Support("tabular/col:x", "tabular", 5, tuple(-c for c in coords))]), CFG).eval()
+    moved.load_state_dict(model.state_dict())
+    x = SPEC.id_range("tabular/col:x")
+    out, out_moved = model(batch.tokens, batch, None), moved(batch.tokens, batch, None)
+    assert not torch.allclose(out[0, 6, x.start : x.stop], out_moved[0, 6, x.start : x.stop])
+    assert not torch.allclose(model.hidden(batch.tokens, batch)[0, 0], moved.hidden(batch.tokens, batch)[0, 0])  # via the input x
+    where = torch.zeros_like(batch.pad)
+    where[0, 6] = True
+    (g,) = model.support_logits(batch.tokens, batch, None, where)
+    torch.testing.assert_close(torch.log_softmax(g.logits, -1)[0], out[0, 6, x.start : x.stop], rtol=1e-5, atol=1e-5)

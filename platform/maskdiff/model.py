@@ -131,6 +131,24 @@ class TimeEmbedding(nn.Module):
         return self.mlp(features.to(self.mlp[0].weight.dtype))  # bf16 when the engine has cast the model
 
 
+COORD_FREQS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)  # radians per unit of a standardised coordinate
+
+
+def coordinate_features(spec: VocabSpec) -> Tensor | None:
+    """(vocab_size, 1 + 2 * len(COORD_FREQS)) features ``[c, sin(f c), cos(f c)]`` of each id's
+    coordinate ``c`` (clipped to [-6, 6]); zero rows for ids without one; None when no support has any."""
+    if not any(s.coords for s in spec.supports):
+        return None
+    feats = torch.zeros(spec.vocab_size, 1 + 2 * len(COORD_FREQS))
+    for s in spec.supports:
+        if s.coords:
+            c = torch.tensor(s.coords).clamp(-6.0, 6.0).unsqueeze(-1)
+            f = torch.tensor(COORD_FREQS) * c
+            r = spec.id_range(s.name)
+            feats[r.start : r.stop] = torch.cat([c, torch.sin(f), torch.cos(f)], dim=-1)
+    return feats
+
+
 class Denoiser(nn.Module):
     """mu_theta(x_t, t): per-position log-probabilities over each field's clean values."""
 
@@ -147,6 +165,14 @@ class Denoiser(nn.Module):
         self.blocks = nn.ModuleList(Block(c) for _ in range(c.depth))
         self.norm = RMSNorm(c.dim)
         self.head = nn.Linear(c.dim, spec.num_clean, bias=False)
+        # Values with a place on a number line (numeric bins) also get an embedding of it, in and
+        # out: features of the coordinate, projected to the width (see coordinate_features).
+        feats = coordinate_features(spec)
+        self.coord_in = self.coord_out = None
+        if feats is not None:
+            self.register_buffer("coord_feats", feats, persistent=False)
+            self.coord_in = nn.Linear(feats.shape[1], c.dim, bias=False)
+            self.coord_out = nn.Linear(feats.shape[1], c.dim, bias=False)
         # additive mask (num_supports, num_clean): 0 inside a support's id range, -inf outside
         allowed = torch.full((len(spec.supports), spec.num_clean), -math.inf)
         for i, s in enumerate(spec.supports):
@@ -181,6 +207,8 @@ class Denoiser(nn.Module):
             raise ValueError("this denoiser is time-conditioned: call it with the times t")
         B, L = x_t.shape
         h = self.token_emb(x_t) + self.field_emb(batch.support_ids) + self.modality_emb(batch.modality_ids)
+        if self.coord_in is not None:
+            h = h + self.coord_in(self.coord_feats[x_t])
         cos, sin = self._rope(L, x_t.device, h.dtype)
         # True = attend; padding keys are ignored. Without padding, no mask keeps the fast attention path.
         attn_mask = ~batch.pad.view(B, 1, 1, L) if bool(batch.pad.any()) else None
@@ -191,7 +219,7 @@ class Denoiser(nn.Module):
 
     def forward(self, x_t: Tensor, batch: Batch, t: Tensor | None = None) -> Tensor:
         """Dense log-probabilities (B, L, num_clean), -inf outside each position's support."""
-        logits = self.head(self.hidden(x_t, batch, t)).float() + self.support_mask[batch.support_ids]
+        logits = F.linear(self.hidden(x_t, batch, t), self.output_weight(0, self.spec.num_clean)).float() + self.support_mask[batch.support_ids]
         return torch.log_softmax(logits, dim=-1)
 
     def support_logits(self, x_t: Tensor, batch: Batch, t: Tensor | None, where: Tensor) -> list[SupportGroup]:
@@ -200,9 +228,16 @@ class Denoiser(nn.Module):
         groups = []
         for sid, rows in group_by_support(batch.support_ids[where]):
             start, size = self.spec.offsets[sid], self.spec.supports[sid].size
-            weight = self.head.weight[start : start + size]
+            weight = self.output_weight(start, start + size)
             groups.append(SupportGroup(sid, start, rows, F.linear(h[rows], weight).float()))
         return groups
+
+    def output_weight(self, start: int, stop: int) -> Tensor:
+        """Rows ``start:stop`` of the output layer, with the coordinate embedding of those values."""
+        weight = self.head.weight[start:stop]
+        if self.coord_out is not None:
+            weight = weight + self.coord_out(self.coord_feats[start:stop])
+        return weight
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

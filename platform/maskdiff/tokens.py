@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -38,12 +39,27 @@ class Support:
     name: str
     modality: str
     size: int
+    # where each value lies on a number line (a numeric column's bins: each bin's mean,
+    # standardised), or None; the model embeds it beside the token, so that neighbouring
+    # values start out alike. Metadata: the id layout (and the fingerprint) ignore it.
+    coords: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.modality not in MODALITIES:
             raise ValueError(f"support {self.name!r}: unknown modality {self.modality!r}; known: {MODALITIES}")
         if self.size < 1:
             raise ValueError(f"support {self.name!r}: size must be >= 1, got {self.size}")
+        if self.coords is not None:
+            coords = tuple(float(c) for c in self.coords)
+            if len(coords) != self.size or not all(math.isfinite(c) for c in coords):
+                raise ValueError(f"support {self.name!r}: coords must be {self.size} finite numbers")
+            object.__setattr__(self, "coords", coords)
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"name": self.name, "modality": self.modality, "size": self.size}
+        if self.coords is not None:
+            d["coords"] = list(self.coords)
+        return d
 
 
 @dataclass
@@ -141,7 +157,7 @@ class VocabSpec:
     # --- persistence ----------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return {
-            "supports": [{"name": s.name, "modality": s.modality, "size": s.size} for s in self.supports],
+            "supports": [s.to_dict() for s in self.supports],
             "mask_id": self.mask_id,
             "pad_id": self.pad_id,
             "vocab_size": self.vocab_size,
