@@ -89,3 +89,23 @@ def test_bundle_carries_the_training_length_distribution(run: tuple[Path, Path])
     assert "tabular" not in bundle.info["lengths"]  # fixed-length records need no distribution
     draws = length_sampler(bundle, "text", "text")  # from the bundle alone: no shard directory needed
     assert sorted(set(draws.tolist())) == sorted(int(n) for n in stored)
+
+
+def test_annotations_and_ensemble_members(run: tuple[Path, Path], tmp_path: Path) -> None:
+    from maskdiff.bundle import ENSEMBLE, annotate
+
+    main, member = tmp_path / "model" / "bundle", tmp_path / "model-2" / "bundle"
+    shutil.copytree(run[0] / "bundle", main)
+    shutil.copytree(run[0] / "bundle", member)
+    annotate(main, ENSEMBLE, ["../../model-2/bundle"])
+    annotate(main, "note", {"a": 1})
+    loaded = load_bundle(main)
+    assert loaded.info["note"] == {"a": 1} and len(loaded.members) == 1 and len(loaded.denoisers) == 2
+    with pytest.raises(BundleError, match="cannot be replaced"):
+        annotate(main, "files", {})
+    annotate(member, ENSEMBLE, ["."])  # a member must be a single model
+    with pytest.raises(BundleError, match="not a single model"):
+        load_bundle(main)
+    shutil.rmtree(member)
+    with pytest.raises(BundleError, match="not a bundle"):
+        load_bundle(main)

@@ -236,3 +236,13 @@ def test_best_guesses_apply_the_bundles_calibration_and_draws_do_not():
     assert raw[(0, 0)] == pytest.approx(means[3]) and raw[(0, 1)] == "a"
     drawn = impute(bundle, table, draws=1, seed=0).draws[0]
     assert means[2] < float(drawn[(0, 0)]) <= 99 and drawn[(0, 1)] in "ab"
+
+
+def test_an_ensemble_imputes_from_the_mixture_of_its_members_conditionals():
+    first = toy_bundle(lambda x_t, spec: probs(spec, [0.7, 0.1, 0.1, 0.1], [0.2, 0.8, 0.0]))
+    second = toy_bundle(lambda x_t, spec: probs(spec, [0.1, 0.2, 0.2, 0.5], [0.6, 0.4, 0.0]))
+    first.denoisers = [first.denoiser, second.denoiser]
+    means = first.adapters["tabular"].columns["x"].means
+    best = impute(first, Table(["x", "c"], [[None, 1.0], [2.0, None]], "frame")).draws[0]
+    assert best[(0, 0)] == round(sum(p * m for p, m in zip([0.4, 0.15, 0.15, 0.3], means)))  # an integer column: 46, not 27 or 64
+    assert best[(1, 1)] == "b"  # mixture (0.4, 0.6): b, though the second member alone says a

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -38,6 +38,7 @@ from .joint import JointModel
 from .tokens import VocabMismatchError, VocabSpec
 
 FORMAT, VERSION = "maskdiff-bundle", 1
+ENSEMBLE = "ensemble"  # bundle.json: paths (relative to the bundle) of further models whose conditionals are averaged
 WEIGHTS, CONFIG, VOCAB, INFO, ADAPTERS = "model.safetensors", "config.yaml", "vocab.json", "bundle.json", "adapters"
 
 
@@ -56,10 +57,16 @@ class Bundle:
     spec: VocabSpec
     adapters: dict[str, Adapter]
     info: dict[str, Any]
+    members: list[Bundle] = field(default_factory=list)  # further models of the same data (``ensemble`` in bundle.json)
 
     @property
     def denoiser(self):
         return self.model.denoiser
+
+    @property
+    def denoisers(self) -> list:
+        """This model's denoiser and its ensemble members' (imputation averages their conditionals)."""
+        return [self.denoiser] + [m.denoiser for m in self.members]
 
     @property
     def schedules(self):
@@ -210,7 +217,17 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
     if missing or unexpected:
         raise BundleError(f"{root / WEIGHTS}: weights do not fit the configured model (missing {missing[:3]}, unexpected {unexpected[:3]})")
     model.to(device).eval()
-    return Bundle(model, cfg, config, spec, adapters, info)
+    members = []
+    for rel in info.get(ENSEMBLE, []):
+        if not (root / rel / INFO).is_file():
+            raise BundleError(f"{root / INFO}: ensemble member {rel} is not a bundle ({root / rel / INFO} is missing)")
+        if _read_info(root / rel).get(ENSEMBLE):
+            raise BundleError(f"{root / INFO}: ensemble member {rel} is not a single model")
+        member = load_bundle(root / rel, device)
+        if member.spec.fingerprint() != spec.fingerprint():
+            raise BundleError(f"{root / INFO}: ensemble member {rel} is not a single model of the same vocabulary")
+        members.append(member)
+    return Bundle(model, cfg, config, spec, adapters, info, members)
 
 
 def _load_adapter(root: Path, spec: VocabSpec, mod: Any) -> Adapter:

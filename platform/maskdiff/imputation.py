@@ -118,12 +118,21 @@ class ColumnHeads:
 
 def _conditionals(bundle, batch: Batch, masked: Tensor) -> list[SupportGroup]:
     """Logits at the masked cells only, grouped by column; a time-conditioned model gets
-    t = the row's masked fraction (the mask probability of the linear schedule)."""
-    denoiser = bundle.denoiser
-    t = None
-    if getattr(denoiser, "time_conditioned", False):
-        t = (masked.sum(-1) / (~batch.pad).sum(-1).clamp(min=1)).float().clamp(1e-3, 1.0)
-    return support_logits(denoiser, batch.tokens, batch, t, masked, bundle.spec)
+    t = the row's masked fraction (the mask probability of the linear schedule).
+
+    An ensemble's conditional is the mixture of its members': the log of the mean
+    of their probabilities.
+    """
+    t = (masked.sum(-1) / (~batch.pad).sum(-1).clamp(min=1)).float().clamp(1e-3, 1.0)
+    per_member = [support_logits(d, batch.tokens, batch, t if getattr(d, "time_conditioned", False) else None, masked, bundle.spec)
+                  for d in getattr(bundle, "denoisers", [bundle.denoiser])]
+    if len(per_member) == 1:
+        return per_member[0]
+    mixed = []
+    for groups in zip(*per_member):
+        logp = torch.stack([torch.log_softmax(g.logits.double(), -1) for g in groups])
+        mixed.append(replace(groups[0], logits=torch.logsumexp(logp, 0) - math.log(len(groups))))
+    return mixed
 
 
 def _take(batch: Batch, rows: Tensor) -> Batch:
