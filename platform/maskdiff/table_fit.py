@@ -162,7 +162,9 @@ def more_members(cfg: DictConfig, run_dir: Path, deadline: float, took_s: float,
     while len(members) + 1 < MAX_MEMBERS and deadline - time.perf_counter() > 1.2 * took_s:
         k = len(members) + 2
         log(f"the budget allows another model: training member {k} in {run_dir / f'model-{k}'}")
-        member_cfg = OmegaConf.merge(cfg, {"seed": int(cfg.seed) + k - 1, "name": f"model-{k}", "run_dir": str(run_dir / f"model-{k}")})
+        minutes = min(float(cfg.train.minutes), (deadline - time.perf_counter() - START_S) / 60)  # never past the deadline
+        member_cfg = OmegaConf.merge(cfg, {"seed": int(cfg.seed) + k - 1, "name": f"model-{k}", "run_dir": str(run_dir / f"model-{k}"),
+                                           "train": {"minutes": minutes}})
         members.append(train_in_child(member_cfg, progress))
     return members
 
