@@ -51,7 +51,8 @@ from .tables import Table, read_table, write_table
 
 MIN_ROWS = 30  # fewer rows with observed cells than this: too little to learn a joint model from
 MAX_EPOCHS = 300  # passes over the rows; small tables need many, large ones reach the budget first
-START_S = 30.0  # the trainer's start in its own process (imports, DeepSpeed's engine)
+START_S = 30.0  # the trainer's start in its own process (imports, DeepSpeed's engine): planned for
+ENGINE_S = 15.0  # what is left of it once the child runs (the engine, the shards); the loop gets the rest
 MAX_MEMBERS = 4  # models averaged when the budget allows more than one (small tables)
 FILL_S_PER_ROW = 0.004  # one imputation pass, per row, on a busy 2-core machine (measured: about 2 ms quiet)
 
@@ -144,10 +145,11 @@ def _fit(source: Path, run_dir: Path, minutes: float, adapter_options: dict[str,
     validate(to_run_config(cfg))
     log(f"fitting {source}: {plan.describe()}; {len(held)} observed cells set aside to calibrate; "
         f"{torch.get_num_threads()} thread(s); run directory {run_dir}")
-    t0 = time.perf_counter()
-    bundle = train_in_child(cfg, progress)
-    members = more_members(cfg, run_dir, started + minutes * 60 - 2 * FILL_S_PER_ROW * MAX_MEMBERS * table.num_rows, time.perf_counter() - t0,
-                           progress, log)
+    # deadlines on the wall clock, so that a slow start (a busy machine) comes out of training, not on top
+    fit_ends = time.time() + minutes * 60 - (time.perf_counter() - started)
+    t0 = time.time()
+    bundle = train_in_child(cfg, progress, ends_at=fit_ends - 2 * FILL_S_PER_ROW * table.num_rows)
+    members = more_members(cfg, run_dir, fit_ends - 2 * FILL_S_PER_ROW * MAX_MEMBERS * table.num_rows, time.time() - t0, progress, log)
     if members:
         annotate(bundle, ENSEMBLE, [os.path.relpath(m, bundle) for m in members])
     calibrate(bundle, table, learn_from, held, log)
@@ -159,13 +161,11 @@ def more_members(cfg: DictConfig, run_dir: Path, deadline: float, took_s: float,
     table), on further models with other seeds: their conditionals are averaged when imputing, which
     removes much of the run-to-run spread that a few hundred rows leave (``RUN/model-2`` ...)."""
     members: list[Path] = []
-    while len(members) + 1 < MAX_MEMBERS and deadline - time.perf_counter() > 1.2 * took_s:
+    while len(members) + 1 < MAX_MEMBERS and deadline - time.time() > 1.2 * took_s:
         k = len(members) + 2
         log(f"the budget allows another model: training member {k} in {run_dir / f'model-{k}'}")
-        minutes = min(float(cfg.train.minutes), (deadline - time.perf_counter() - START_S) / 60)  # never past the deadline
-        member_cfg = OmegaConf.merge(cfg, {"seed": int(cfg.seed) + k - 1, "name": f"model-{k}", "run_dir": str(run_dir / f"model-{k}"),
-                                           "train": {"minutes": minutes}})
-        members.append(train_in_child(member_cfg, progress))
+        member_cfg = OmegaConf.merge(cfg, {"seed": int(cfg.seed) + k - 1, "name": f"model-{k}", "run_dir": str(run_dir / f"model-{k}")})
+        members.append(train_in_child(member_cfg, progress, ends_at=deadline))
     return members
 
 
@@ -192,21 +192,24 @@ def _names(text: str | None) -> list[str]:
     return [v.strip() for v in (text or "").split(",") if v.strip()]
 
 
-def train_in_child(cfg: DictConfig, progress: bool = False) -> Path:
+def train_in_child(cfg: DictConfig, progress: bool = False, ends_at: float | None = None) -> Path:
     """Train in a fresh process and return the bundle: DeepSpeed keeps process-wide state (its
     process groups) that a second run in the same process would trip over, and a child gives
     its memory back when it ends."""
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=1, mp_context=ctx, initializer=torch.set_num_threads,
                              initargs=(torch.get_num_threads(),)) as pool:
-        bundle = pool.submit(_train, OmegaConf.to_yaml(cfg), progress).result()
+        bundle = pool.submit(_train, OmegaConf.to_yaml(cfg), progress, ends_at).result()
     return Path(bundle)
 
 
-def _train(config_yaml: str, progress: bool) -> str:
+def _train(config_yaml: str, progress: bool, ends_at: float | None) -> str:
     from .trainer import train
 
     cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.create(config_yaml))
+    if ends_at is not None:  # the loop ends by ends_at (time.time()), whatever this process's start cost
+        left = max(0.05, (ends_at - time.time() - ENGINE_S) / 60)
+        cfg.train.minutes = min(cfg.train.minutes, left) if cfg.train.minutes else left
     result = train(cfg, overwrite=True, progress=progress)  # type: ignore[arg-type]
     if result.bundle is None:
         raise UserError(f"training in {result.run_dir} stopped at step {result.step} without a bundle")
