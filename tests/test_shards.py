@@ -306,7 +306,7 @@ def test_garbage_record_header_is_one_line():
 
 
 def test_overwrite_swaps_so_one_complete_data_set_is_always_there(monkeypatch):
-    from maskdiff import shards as shards_mod
+    from maskdiff import shard_writer as shards_mod
 
     out = scratch("swap") / "tab"
     first = write_shards("tabular", [PENGUINS], out, shard_size=50, progress=False)

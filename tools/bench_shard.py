@@ -1,7 +1,13 @@
 #!/usr/bin/env python
-"""Throughput of tools/shard.py's write path per modality, against parse-only.
+"""Throughput of the shard write and read paths.
 
-For each modality it times, on the same input in the same run:
+Sections (``--section``, repeatable; default all):
+
+* ``write``: tools/shard.py's write path per modality, against parse-only;
+* ``stream``: reading a shard directory over HTTP (a local server started
+  here) against reading it from local disk, records/s, MB/s and the ratio.
+
+For each modality ``write`` times, on the same input in the same run:
 
 * parse: the adapter's reader alone (files -> raw records, nothing encoded);
 * shard: ``write_shards`` end to end (fit pass, encode, tar shards, sha256,
@@ -13,19 +19,23 @@ ratio shard time / parse time (the overhead of fitting, encoding and writing).
     python tools/bench_shard.py                 # the shipped samples under data/
     python tools/bench_shard.py --full          # the full development data (../shared/data)
     python tools/bench_shard.py --modality protein --repeat 3
+    python tools/bench_shard.py --section stream
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import http.server
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from maskdiff.adapters import get_adapter
-from maskdiff.shards import write_shards
+from maskdiff.shards import ShardSet, write_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES: dict[str, tuple[list[str], dict[str, Any]]] = {
@@ -58,27 +68,75 @@ def bench(modality: str, inputs: list[Path], options: dict[str, Any], repeat: in
     return {"records": n, "samples": manifest["samples_written"], "in_mb": size_mb, "out_mb": out_mb, "parse_s": parse_s, "shard_s": shard_s}
 
 
+def bench_stream(directory: Path, repeat: int) -> dict[str, float]:
+    """Best-of-``repeat`` read time of every record of ``directory``, from disk and over a local HTTP server."""
+    handler = functools.partial(_QuietHandler, directory=str(directory))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        times = {}
+        for name, where in (("disk", str(directory)), ("http", f"http://127.0.0.1:{server.server_address[1]}")):
+            best, n = float("inf"), 0
+            for _ in range(repeat):
+                t = time.perf_counter()
+                n = sum(1 for _ in ShardSet(where))
+                best = min(best, time.perf_counter() - t)
+            times[name] = best
+    finally:
+        server.shutdown()
+        server.server_close()
+    return {"records": n, "disk_s": times["disk"], "http_s": times["http"]}
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def stream_section(table: dict[str, tuple[list[str], dict[str, Any]]], modalities: list[str], repeat: int) -> None:
+    print(f"{'modality':9} {'records':>8} {'MB':>7} | {'disk rec/s':>10} {'disk MB/s':>9} | {'http rec/s':>10} {'http MB/s':>9} | {'http/disk':>9}")
+    for modality in modalities:
+        paths, options = table[modality]
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "shards"
+            manifest = write_shards(modality, [(ROOT / p).resolve() for p in paths], out, progress=False, **options)
+            mb = sum(s["bytes"] for s in manifest["shards"]) / 1e6
+            r = bench_stream(out, repeat)
+        print(f"{modality:9} {r['records']:8d} {mb:7.1f} | {r['records'] / r['disk_s']:10.0f} {mb / r['disk_s']:9.1f} | "
+              f"{r['records'] / r['http_s']:10.0f} {mb / r['http_s']:9.1f} | {r['disk_s'] / r['http_s']:8.0%}")
+
+
+def write_section(table: dict[str, tuple[list[str], dict[str, Any]]], modalities: list[str], repeat: int) -> None:
+    header = f"{'modality':9} {'records':>8} {'samples':>8} {'in MB':>7} {'out MB':>7} | {'parse rec/s':>11} {'parse MB/s':>10} | {'shard rec/s':>11} {'shard MB/s':>10} | {'shard/parse':>11}"
+    print(header)
+    print("-" * len(header))
+    for modality in modalities:
+        paths, options = table[modality]
+        r = bench(modality, [(ROOT / p).resolve() for p in paths], options, repeat)
+        print(f"{modality:9} {r['records']:8d} {r['samples']:8d} {r['in_mb']:7.2f} {r['out_mb']:7.1f} | "
+              f"{r['records'] / r['parse_s']:11.0f} {r['in_mb'] / r['parse_s']:10.2f} | "
+              f"{r['records'] / r['shard_s']:11.0f} {r['in_mb'] / r['shard_s']:10.2f} | {r['shard_s'] / r['parse_s']:10.1f}x")
+
+
+SECTIONS = {"write": write_section, "stream": stream_section}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--section", action="append", choices=list(SECTIONS), help="only these (repeatable; default all)")
     ap.add_argument("--modality", action="append", choices=sorted(SAMPLES), help="only these (repeatable; default all)")
     ap.add_argument("--full", action="store_true", help="use the full development data in ../shared/data instead of data/")
     ap.add_argument("--repeat", type=int, default=1, help="best of N runs (default 1)")
     args = ap.parse_args(argv)
     table = FULL if args.full else SAMPLES
-    header = f"{'modality':9} {'records':>8} {'samples':>8} {'in MB':>7} {'out MB':>7} | {'parse rec/s':>11} {'parse MB/s':>10} | {'shard rec/s':>11} {'shard MB/s':>10} | {'shard/parse':>11}"
-    print(header)
-    print("-" * len(header))
-    for modality in args.modality or list(table):
-        paths, options = table[modality]
-        inputs = [(ROOT / p).resolve() for p in paths]
-        missing = [p for p in inputs if not p.is_file()]
-        if missing:
-            print(f"error: {missing[0]}: no such file", file=sys.stderr)
-            return 2
-        r = bench(modality, inputs, options, args.repeat)
-        print(f"{modality:9} {r['records']:8d} {r['samples']:8d} {r['in_mb']:7.2f} {r['out_mb']:7.1f} | "
-              f"{r['records'] / r['parse_s']:11.0f} {r['in_mb'] / r['parse_s']:10.2f} | "
-              f"{r['records'] / r['shard_s']:11.0f} {r['in_mb'] / r['shard_s']:10.2f} | {r['shard_s'] / r['parse_s']:10.1f}x")
+    modalities = args.modality or list(table)
+    missing = [ROOT / p for m in modalities for p in table[m][0] if not (ROOT / p).is_file()]
+    if missing:
+        print(f"error: {missing[0].resolve()}: no such file", file=sys.stderr)
+        return 2
+    for i, section in enumerate(args.section or list(SECTIONS)):
+        print(("\n" if i else "") + f"== {section}")
+        SECTIONS[section](table, modalities, args.repeat)
     return 0
 
 

@@ -56,8 +56,8 @@ def ensure_shards(rc: RunConfig, log: Callable[[str], None] = print) -> list[Pat
     built = []
     for mod in rc.modalities:
         for name in rc.data.sources[mod].dirs:
-            d = rc.data.shard_dir(name)
-            if (d / MANIFEST).is_file():
+            d = rc.data.shard_source(name)
+            if not isinstance(d, Path) or (d / MANIFEST).is_file():  # a URL is read as it is, never built
                 continue
             recipe = rc.data.build.get(name)
             if recipe is None:
@@ -78,7 +78,7 @@ def open_sources(rc: RunConfig, rank: int, world_size: int, **kw) -> tuple[dict[
     sets: dict[str, ShardSet] = {}
     for mod in rc.modalities:
         key = f"data.sources.{mod}.dirs"
-        dirs = [rc.data.shard_dir(name) for name in rc.data.sources[mod].dirs]
+        dirs = [rc.data.shard_source(name) for name in rc.data.sources[mod].dirs]
         for d in dirs:
             try:
                 found = load_manifest(d)["modality"]
@@ -87,7 +87,7 @@ def open_sources(rc: RunConfig, rank: int, world_size: int, **kw) -> tuple[dict[
             if found != mod:
                 raise ConfigError(f"config key '{key}': {d} holds {found} shards, not {mod}")
         try:
-            sets[mod] = ShardSet(dirs, rank=rank, world_size=world_size, **kw)
+            sets[mod] = ShardSet(dirs, rank=rank, world_size=world_size, bad_shards=rc.data.bad_shards, **kw)
         except (ShardError, VocabMismatchError) as e:
             raise ConfigError(f"config key '{key}': {e}") from None
     spec: VocabSpec | None = None
@@ -231,8 +231,8 @@ def heldout_batches(rc: RunConfig, spec: VocabSpec, rank: int, world_size: int, 
     for mod in rc.modalities:
         records: list[Record] = []
         tokens = 0
-        dirs = [rc.data.shard_dir(name) for name in rc.data.sources[mod].dirs]
-        for rec in ShardSet(dirs, rank=rank, world_size=world_size):
+        dirs = [rc.data.shard_source(name) for name in rc.data.sources[mod].dirs]
+        for rec in ShardSet(dirs, rank=rank, world_size=world_size, bad_shards=rc.data.bad_shards):
             if is_heldout(rec, rc.data.heldout):
                 records.append(rec)
                 tokens += len(rec)

@@ -577,7 +577,7 @@ class Trainer:
     # --- steps ------------------------------------------------------------------------------
     def _training_lengths(self, modality: str) -> dict[str, dict[int, int]]:
         """Length distribution of the variable-length fields of this modality's training records (all ranks' shards)."""
-        every = ShardSet(self.sets[modality].dirs, rank=0, world_size=1)
+        every = ShardSet(self.sets[modality].dirs, rank=0, world_size=1, bad_shards=self.rc.data.bad_shards)
         return field_lengths(r for r in every if not is_heldout(r, self.rc.data.heldout))
 
     def _condition_ids(self) -> list[int]:

@@ -1,0 +1,136 @@
+"""Shard directories read as streams: over HTTP (a server started here), file://, pipe:, and failures that name the shard."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import shutil
+import sys
+import threading
+import tracemalloc
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+from adapter_fixtures import built
+
+from maskdiff.shards import ChecksumError, ShardError, ShardSet
+
+
+class _Handler(http.server.SimpleHTTPRequestHandler):
+    """Serves a folder; a path in ``drop`` gets its full Content-Length but only that many bytes, then the connection closes."""
+
+    drop: dict[str, int] = {}
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def copyfile(self, source, outputfile) -> None:  # type: ignore[override]
+        cut = self.drop.get(self.path)
+        if cut is None:
+            return super().copyfile(source, outputfile)
+        outputfile.write(source.read(cut))
+        outputfile.flush()
+        self.close_connection = True
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[Path, str, dict[str, int]]]:
+    """A folder, the URL it is served at, and the handler's ``drop`` table."""
+    root = tmp_path / "www"
+    root.mkdir()
+    handler = type("H", (_Handler,), {"drop": {}})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}", handler.drop
+    server.shutdown()
+    server.server_close()
+
+
+def _ids(records) -> list[tuple[str, int]]:
+    return [(r.meta["id"], r.meta.get("window", 0)) for r in records]
+
+
+def _copy(modality: str, root: Path) -> tuple[Path, dict]:
+    out, manifest = built(modality)
+    shutil.copytree(out, root / modality)
+    return root / modality, manifest
+
+
+def test_http_file_and_pipe_directories_read_the_same_records(served):
+    root, url, _ = served
+    local, manifest = _copy("text", root)  # text: the BPE model file next to the manifest is fetched too
+    want = _ids(ShardSet(local))
+    for where in (f"{url}/text", f"{url}/text/", local.as_uri(), f"pipe:cat {local}/{{}}"):
+        shards = ShardSet(where)
+        assert _ids(shards) == want, where
+        assert shards.spec == ShardSet(local).spec and len(want) == manifest["samples_written"]
+    rec = next(iter(ShardSet(f"{url}/text", decoded=True)))
+    assert isinstance(rec[1], str) and rec[1]
+
+
+def test_corrupt_shard_over_http_stops_naming_it_or_is_skipped_and_counted(served):
+    root, url, _ = served
+    d, manifest = _copy("tabular", root)
+    bad = manifest["shards"][1]
+    data = bytearray((d / bad["file"]).read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (d / bad["file"]).write_bytes(bytes(data))
+    with pytest.raises(ChecksumError, match=rf"^{url}/tabular/{bad['file']}: sha256 .* does not match") as e:
+        list(ShardSet(f"{url}/tabular"))
+    assert "\n" not in str(e.value)
+    lines: list[str] = []
+    shards = ShardSet(f"{url}/tabular", bad_shards="skip", report=lines.append)
+    got = list(shards)
+    (skipped,) = shards.skipped
+    assert skipped.shard == bad["file"] and skipped.read + skipped.skipped == bad["records"]
+    assert len(got) == manifest["samples_written"] - skipped.skipped
+    assert len(lines) == 1 and bad["file"] in lines[0] and f"{skipped.skipped} record(s)" in lines[0]
+
+
+def test_vanished_or_dropped_shard_is_one_line_naming_it(served):
+    root, url, drop = served
+    d, manifest = _copy("tabular", root)
+    first, second = manifest["shards"][0], manifest["shards"][1]
+    (d / first["file"]).unlink()
+    with pytest.raises(ShardError, match=rf"^{url}/tabular/{first['file']}: shard listed in .* is missing \(HTTP 404"):
+        list(ShardSet(f"{url}/tabular"))
+    shutil.copy(built("tabular")[0] / first["file"], d / first["file"])
+    drop[f"/tabular/{second['file']}"] = second["bytes"] // 2
+    with pytest.raises(ShardError, match=rf"^{url}/tabular/{second['file']}: the connection dropped after \d+ bytes"):
+        list(ShardSet(f"{url}/tabular"))
+    shards = ShardSet(f"{url}/tabular", bad_shards="skip", report=lambda msg: None)
+    got = list(shards)
+    (skipped,) = shards.skipped
+    assert skipped.shard == second["file"] and 0 < skipped.skipped < second["records"]
+    assert len(got) == manifest["samples_written"] - skipped.skipped
+
+
+def test_unreachable_or_unsupported_locations_are_one_line(served, monkeypatch):
+    root, url, _ = served
+    with pytest.raises(ShardError, match=rf"^{url}/nothing: no manifest.json .*HTTP 404"):
+        ShardSet(f"{url}/nothing")
+    with pytest.raises(ShardError, match=r"^http://127\.0\.0\.1:9/x/manifest.json: cannot connect"):
+        ShardSet("http://127.0.0.1:9/x")
+    with pytest.raises(ShardError, match=r"needs \{\} where the file name goes"):
+        ShardSet("pipe:cat /tmp/manifest.json")
+    with pytest.raises(ShardError, match=r"the command exited with status"):
+        ShardSet(f"pipe:cat {root}/none/{{}}")
+    monkeypatch.setitem(sys.modules, "fsspec", None)  # as if fsspec were not installed
+    with pytest.raises(ShardError, match=r"^s3://bucket/dir: reading s3:// shard directories needs fsspec"):
+        ShardSet("s3://bucket/dir")
+
+
+def test_memory_while_reading_is_bounded_by_the_record_not_the_shard():
+    out, manifest = built("pixels")
+    shards = ShardSet(out)
+    biggest = max(s["bytes"] for s in manifest["shards"])
+    tracemalloc.start()
+    try:
+        n = sum(1 for _ in shards)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert n == manifest["samples_written"]
+    assert peak < biggest / 4, (peak, biggest)
