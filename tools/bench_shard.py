@@ -5,7 +5,9 @@ Sections (``--section``, repeatable; default all):
 
 * ``write``: tools/shard.py's write path per modality, against parse-only;
 * ``stream``: reading a shard directory over HTTP (a local server started
-  here) against reading it from local disk, records/s, MB/s and the ratio.
+  here) against reading it from local disk, records/s, MB/s and the ratio;
+* ``size``: bytes per stored record, in the version-1 layout (two tar members
+  a record) and now (one).
 
 For each modality ``write`` times, on the same input in the same run:
 
@@ -19,7 +21,7 @@ ratio shard time / parse time (the overhead of fitting, encoding and writing).
     python tools/bench_shard.py                 # the shipped samples under data/
     python tools/bench_shard.py --full          # the full development data (../shared/data)
     python tools/bench_shard.py --modality protein --repeat 3
-    python tools/bench_shard.py --section stream
+    python tools/bench_shard.py --section stream --section size
 """
 
 from __future__ import annotations
@@ -118,7 +120,49 @@ def write_section(table: dict[str, tuple[list[str], dict[str, Any]]], modalities
               f"{r['records'] / r['shard_s']:11.0f} {r['in_mb'] / r['shard_s']:10.2f} | {r['shard_s'] / r['parse_s']:10.1f}x")
 
 
-SECTIONS = {"write": write_section, "stream": stream_section}
+def size_section(table: dict[str, tuple[list[str], dict[str, Any]]], modalities: list[str], repeat: int) -> None:
+    import webdataset as wds
+
+    from maskdiff.shard_format import legacy_members
+
+    print(f"{'modality':9} {'records':>8} | {'v1 B/rec':>9} {'v2 B/rec':>9} | {'v2/v1':>6}")
+    for modality in modalities:
+        paths, options = table[modality]
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "shards"
+            manifest = write_shards(modality, [(ROOT / p).resolve() for p in paths], out, progress=False, **options)
+            sink, records = _CountingSink(), iter(ShardSet(out))
+            for shard in manifest["shards"]:  # the same records, shard by shard, in the old layout
+                writer = wds.TarWriter(sink, encoder=False, mtime=0)
+                for k in range(shard["records"]):
+                    rec = next(records)
+                    del rec.meta["modality"]
+                    writer.write({"__key__": f"{k:010d}", **legacy_members(rec, manifest["token_dtype"])})
+                writer.close()
+        n = manifest["samples_written"]
+        old = sink.size
+        new = sum(s["bytes"] for s in manifest["shards"])
+        print(f"{modality:9} {n:8d} | {old / n:9.0f} {new / n:9.0f} | {new / old:6.2f}")
+
+
+class _CountingSink:
+    """A write-only file that counts the bytes written to it."""
+
+    def __init__(self) -> None:
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.size += len(data)
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+SECTIONS = {"write": write_section, "stream": stream_section, "size": size_section}
 
 
 def main(argv: list[str] | None = None) -> int:

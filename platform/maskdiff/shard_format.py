@@ -19,7 +19,7 @@ import numpy as np
 from maskdiff.adapters import InputError
 from maskdiff.tokens import Field, Record
 
-FORMAT, VERSION = "maskdiff-shards", 1
+FORMAT, VERSION = "maskdiff-shards", 2
 READABLE_VERSIONS = (1, 2)
 MANIFEST, REJECTS = "manifest.json", "rejects.jsonl"
 RECORD_MEMBER = "rec"  # the tar member suffix of a version-2 record

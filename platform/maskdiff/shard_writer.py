@@ -25,7 +25,7 @@ from maskdiff.adapters import Adapter, Reject, Rejected, adapter_class, adapter_
 from maskdiff.tokens import VocabSpec
 
 from .files import sha256_file
-from .shard_format import FORMAT, MANIFEST, REJECTS, VERSION, ShardError, legacy_members
+from .shard_format import FORMAT, MANIFEST, RECORD_MEMBER, REJECTS, VERSION, ShardError, encode_record
 from .shard_reader import _side_files, load_manifest
 
 STAGING_PREFIX = ".staging-"
@@ -278,7 +278,7 @@ def _encode_all(adapter: Adapter, inputs: Sequence[str | Path], stage: Path, nam
                         if writer is None:
                             writer = _ShardFile(stage / f"{name}-{len(shards):06d}.tar")
                         rec.meta["id"] = rid
-                        writer.write(f"{counts['samples_written']:010d}", legacy_members(rec, dtype))
+                        writer.write(f"{counts['samples_written']:010d}", {RECORD_MEMBER: encode_record(rec, dtype)})
                         counts["samples_written"] += 1
                         if writer.count >= shard_size:
                             shards.append(writer.close())
