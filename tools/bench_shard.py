@@ -7,7 +7,10 @@ Sections (``--section``, repeatable; default all):
 * ``stream``: reading a shard directory over HTTP (a local server started
   here) against reading it from local disk, records/s, MB/s and the ratio;
 * ``size``: bytes per stored record, in the version-1 layout (two tar members
-  a record) and now (one).
+  a record) and now (one);
+* ``workers``: ``tools/shard.py --workers 1`` and ``2`` on a generated FASTA
+  of growing size, in a child process: seconds, records/s, the speed-up and
+  the child's peak resident memory (flat in the record count when streaming).
 
 For each modality ``write`` times, on the same input in the same run:
 
@@ -29,6 +32,9 @@ from __future__ import annotations
 import argparse
 import functools
 import http.server
+import os
+import random
+import subprocess
 import sys
 import tempfile
 import threading
@@ -162,7 +168,44 @@ class _CountingSink:
         pass
 
 
-SECTIONS = {"write": write_section, "stream": stream_section, "size": size_section}
+def generated_fasta(path: Path, n: int, seed: int = 0) -> Path:
+    """``n`` UniProt-style protein records of 50-600 residues."""
+    rng = random.Random(seed)
+    residues = "ACDEFGHIKLMNPQRSTVWY"
+    with open(path, "w") as f:
+        for i in range(n):
+            seq = "".join(rng.choices(residues, k=rng.randint(50, 600)))
+            f.write(f">tr|G{i:07d}|G{i:07d}_GEN Generated protein OS=Organism {rng.randint(0, 40)} OX={i % 97} PE={rng.randint(1, 5)} SV=1\n")
+            f.write("\n".join(seq[j:j + 60] for j in range(0, len(seq), 60)) + "\n")
+    return path
+
+
+def shard_in_child(fasta: Path, out: Path, workers: int) -> tuple[float, float]:
+    """Wall seconds and peak resident MB of ``maskdiff shard`` run as a child process."""
+    cmd = [sys.executable, "-m", "maskdiff", "shard", "--modality", "protein", "--input", str(fasta), "--output", str(out),
+           "--max-len", "512", "--workers", str(workers), "--no-progress"]
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - t
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"error: {' '.join(cmd)} exited with {proc.returncode}")
+    return seconds, usage.ru_maxrss / 1024
+
+
+def workers_section(table: dict[str, tuple[list[str], dict[str, Any]]], modalities: list[str], repeat: int) -> None:
+    print(f"{'records':>8} {'FASTA MB':>8} | {'1 worker s':>10} {'rec/s':>7} {'RSS MB':>7} | {'2 workers s':>11} {'rec/s':>7} {'RSS MB':>7} | {'speed-up':>8}")
+    for n in (10_000, 40_000):
+        with tempfile.TemporaryDirectory() as tmp:
+            fasta = generated_fasta(Path(tmp) / "gen.fasta", n)
+            runs = {w: min((shard_in_child(fasta, Path(tmp) / f"out{w}-{k}", w) for k in range(repeat)), key=lambda r: r[0]) for w in (1, 2)}
+            mb = fasta.stat().st_size / 1e6
+        (t1, rss1), (t2, rss2) = runs[1], runs[2]
+        print(f"{n:8d} {mb:8.1f} | {t1:10.1f} {n / t1:7.0f} {rss1:7.0f} | {t2:11.1f} {n / t2:7.0f} {rss2:7.0f} | {t1 / t2:7.2f}x")
+
+
+SECTIONS = {"write": write_section, "stream": stream_section, "size": size_section, "workers": workers_section}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,11 +21,12 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import webdataset as wds
 
-from maskdiff.adapters import Adapter, Reject, Rejected, adapter_class, adapter_from_state
+from maskdiff.adapters import Adapter, Rejected, adapter_class, adapter_from_state
 from maskdiff.tokens import VocabSpec
 
 from .files import sha256_file
-from .shard_format import FORMAT, MANIFEST, RECORD_MEMBER, REJECTS, VERSION, ShardError, encode_record
+from .shard_encoding import encoded
+from .shard_format import FORMAT, MANIFEST, RECORD_MEMBER, REJECTS, VERSION, ShardError
 from .shard_reader import _side_files, load_manifest
 
 STAGING_PREFIX = ".staging-"
@@ -78,6 +79,7 @@ def write_shards(
     overwrite: bool = False,
     state_from: str | Path | None = None,
     progress: bool | None = None,
+    workers: int = 1,
     **adapter_options: Any,
 ) -> dict[str, Any]:
     """Encode the raw records of ``inputs`` into shards under ``output``; return the manifest.
@@ -85,12 +87,15 @@ def write_shards(
     ``adapter_options`` go to the modality's adapter (see ``adapters``);
     ``max_len`` is the text window / protein length limit. With ``state_from``
     (a shard directory of the same modality) its fitted adapter is reused, so
-    the two directories share one vocabulary. Raises :class:`InputError` /
+    the two directories share one vocabulary. ``workers > 1`` encodes in that
+    many processes (same bytes as one; see :mod:`maskdiff.shard_encoding`). Raises :class:`InputError` /
     :class:`ShardError` for user errors (missing or empty input, output
     already holding shards without ``overwrite``, nothing encodable).
     """
     out = Path(output)
     name = name or modality
+    if workers < 1:
+        raise ShardError(f"--workers {workers}: must be at least 1")
     if shard_size < 1:
         raise ShardError(f"--shard-size {shard_size}: must be at least 1")
     if "/" in name or name.startswith("."):
@@ -99,7 +104,7 @@ def write_shards(
     created = not out.exists()
     _check_output(out, overwrite)
     try:
-        return _write(adapter, modality, inputs, out, name, shard_size, overwrite, progress_enabled(progress))
+        return _write(adapter, modality, inputs, out, name, shard_size, overwrite, progress_enabled(progress), workers)
     except BaseException:
         if created and not [p for p in out.iterdir() if not p.name.startswith(STAGING_PREFIX)]:
             shutil.rmtree(out, ignore_errors=True)  # a failed run leaves no empty output folder behind
@@ -107,7 +112,7 @@ def write_shards(
 
 
 def _write(adapter: Adapter, modality: str, inputs: Sequence[str | Path], out: Path, name: str, shard_size: int, overwrite: bool,
-           show: bool) -> dict[str, Any]:
+           show: bool, workers: int) -> dict[str, Any]:
     """Fit, encode into a staging folder, then move into place (replacing a data set: swap the whole directory)."""
     replacing = overwrite and (out / MANIFEST).exists()
     if adapter.needs_fit:
@@ -122,7 +127,7 @@ def _write(adapter: Adapter, modality: str, inputs: Sequence[str | Path], out: P
     except OSError as e:
         raise ShardError(f"{stage.parent}: cannot write there ({e.strerror or e})") from None
     try:
-        counts, shards = _encode_all(adapter, inputs, stage, name, shard_size, dtype, show)
+        counts, shards = _encode_all(adapter, inputs, stage, name, shard_size, dtype, show, workers)
         if counts["records_written"] == 0:
             if replacing:
                 raise ShardError(f"{inputs[0]}: no record could be encoded ({counts['records_rejected']} rejected, e.g. "
@@ -257,35 +262,27 @@ def _check_output(out: Path, overwrite: bool) -> None:
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
-def _encode_all(adapter: Adapter, inputs: Sequence[str | Path], stage: Path, name: str, shard_size: int, dtype: Any, show: bool) -> tuple[dict[str, int], list[dict[str, Any]]]:
+def _encode_all(adapter: Adapter, inputs: Sequence[str | Path], stage: Path, name: str, shard_size: int, dtype: Any, show: bool,
+                workers: int) -> tuple[dict[str, int], list[dict[str, Any]]]:
     counts = {"records_in": 0, "records_written": 0, "records_rejected": 0, "samples_written": 0}
     shards: list[dict[str, Any]] = []
     writer: _ShardFile | None = None
     with open(stage / REJECTS, "w", encoding="utf-8") as rejects, _reading(adapter, inputs, show, desc=f"shard {adapter.modality}", unit=" rec") as items:
-        for item in items:
+        for rid, result in encoded(adapter, items, dtype, workers):
             counts["records_in"] += 1
-            if isinstance(item, Rejected):
-                rid, reason = item.id, item.reason
-            else:
-                rid, raw = item
-                try:
-                    records = adapter.encode_many(raw)
-                except Reject as e:
-                    reason = str(e)
-                else:
-                    counts["records_written"] += 1
-                    for rec in records:
-                        if writer is None:
-                            writer = _ShardFile(stage / f"{name}-{len(shards):06d}.tar")
-                        rec.meta["id"] = rid
-                        writer.write(f"{counts['samples_written']:010d}", {RECORD_MEMBER: encode_record(rec, dtype)})
-                        counts["samples_written"] += 1
-                        if writer.count >= shard_size:
-                            shards.append(writer.close())
-                            writer = None
-                    continue
-            counts["records_rejected"] += 1
-            rejects.write(json.dumps({"id": rid, "reason": reason}) + "\n")
+            if isinstance(result, str):
+                counts["records_rejected"] += 1
+                rejects.write(json.dumps({"id": rid, "reason": result}) + "\n")
+                continue
+            counts["records_written"] += 1
+            for payload in result:
+                if writer is None:
+                    writer = _ShardFile(stage / f"{name}-{len(shards):06d}.tar")
+                writer.write(f"{counts['samples_written']:010d}", {RECORD_MEMBER: payload})
+                counts["samples_written"] += 1
+                if writer.count >= shard_size:
+                    shards.append(writer.close())
+                    writer = None
         if writer is not None:
             shards.append(writer.close())
         rejects.flush()
