@@ -180,3 +180,19 @@ def test_old_two_member_layout_reads_the_same_and_is_larger(modality, ratio, tmp
             [(f.name, f.support, f.shape, f.tokens.tolist()) for f in y.fields]
     size = lambda d: sum(p.stat().st_size for p in d.glob("*.tar"))  # noqa: E731
     assert size(new) < ratio * size(old), (size(new), size(old))
+
+
+@pytest.mark.parametrize("consumers", [1, 3, 7])  # 7 > the 4 shards: every consumer reads every 7th record
+def test_a_stream_restarted_at_its_position_continues_exactly(consumers):
+    out, manifest = built("tabular")
+    shards = ShardSet(out, shuffle_buffer=30, seed=5, repeat=True)
+    per_epoch = manifest["samples_written"] // consumers
+    for consumer in {0, consumers - 1}:
+        full = shards.stream(consumer, consumers)
+        for advance in (0, 1, 29, 61, per_epoch + 7):  # inside windows, across one, into the next epoch
+            position = dict(full.position)
+            want = [_ids([next(full)]) for _ in range(40)]
+            again = shards.stream(consumer, consumers, position)
+            assert [_ids([next(again)]) for _ in range(40)] == want, (consumer, position)
+            for _ in range(max(0, advance - 40)):
+                next(full)

@@ -10,7 +10,11 @@ Sections (``--section``, repeatable; default all):
   a record) and now (one);
 * ``workers``: ``tools/shard.py --workers 1`` and ``2`` on a generated FASTA
   of growing size, in a child process: seconds, records/s, the speed-up and
-  the child's peak resident memory (flat in the record count when streaming).
+  the child's peak resident memory (flat in the record count when streaming);
+* ``resume``: the training batch stream (protein + tabular, shuffled, mixed)
+  started fresh against started at a position saved after N micro-batches:
+  time to the first batch, and the time drawing those N batches took (what
+  replaying them would cost).
 
 For each modality ``write`` times, on the same input in the same run:
 
@@ -205,7 +209,38 @@ def workers_section(table: dict[str, tuple[list[str], dict[str, Any]]], modaliti
         print(f"{n:8d} {mb:8.1f} | {t1:10.1f} {n / t1:7.0f} {rss1:7.0f} | {t2:11.1f} {n / t2:7.0f} {rss2:7.0f} | {t1 / t2:7.2f}x")
 
 
-SECTIONS = {"write": write_section, "stream": stream_section, "size": size_section, "workers": workers_section}
+def resume_section(table: dict[str, tuple[list[str], dict[str, Any]]], modalities: list[str], repeat: int) -> None:
+    from maskdiff.loader import BatchLimits, MixedBatches, batches
+
+    with tempfile.TemporaryDirectory() as tmp:
+        sets = {}
+        for m in ("protein", "tabular"):
+            paths, options = table[m]
+            write_shards(m, [(ROOT / p).resolve() for p in paths], Path(tmp) / m, shard_size=500, progress=False, **options)
+            sets[m] = ShardSet(Path(tmp) / m, shuffle_buffer=256, seed=0, repeat=True, rank=0, world_size=1)
+        spec = sets["protein"].spec.merged(sets["tabular"].spec)
+
+        def first_batch(start: dict[str, Any] | None) -> float:
+            t = time.perf_counter()
+            next(batches(MixedBatches(sets, {"protein": 1.0, "tabular": 1.0}, spec, limits=BatchLimits(4096), bucket=4,
+                                      heldout=0.05, start=start), 0))
+            return time.perf_counter() - t
+
+        fresh = min(first_batch(None) for _ in range(max(repeat, 3)))
+        print(f"fresh start: first batch after {fresh * 1e3:.0f} ms")
+        print(f"{'batches run':>11} | {'drawing them s':>14} | {'resume: first batch ms':>22} | {'resume/fresh':>12}")
+        for n in (100, 500, 2000):
+            it = batches(MixedBatches(sets, {"protein": 1.0, "tabular": 1.0}, spec, limits=BatchLimits(4096), bucket=4, heldout=0.05), 0)
+            t = time.perf_counter()
+            for _ in range(n):
+                next(it)
+            drawn = time.perf_counter() - t
+            position = it.position()
+            resumed = min(first_batch(position) for _ in range(max(repeat, 3)))
+            print(f"{n:11d} | {drawn:14.1f} | {resumed * 1e3:22.0f} | {resumed / fresh:11.2f}x")
+
+
+SECTIONS = {"write": write_section, "stream": stream_section, "size": size_section, "workers": workers_section, "resume": resume_section}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -144,8 +144,10 @@ class ShardSet(IterableDataset):
       computed while it streams and checked at its end (see the module docstring;
       ``bad_shards``: ``"stop"`` or ``"skip"``, skipped shards are reported
       through ``report`` and listed in ``skipped``, in this process).
-    * ``shuffle_buffer > 0`` shuffles shard order and records (buffer of that
-      many) with ``seed`` + the epoch (:meth:`set_epoch`); ``repeat`` loops forever.
+    * ``shuffle_buffer > 0`` shuffles shard order, and records within windows of
+      that many, with ``seed`` + the epoch (:meth:`set_epoch`); ``repeat`` loops
+      forever. :meth:`stream` gives one consumer's records with a restartable
+      position (:class:`ShardStream`).
     * Records carry ``meta["modality"]``; ``decoded=True`` yields
       ``(record, raw)`` pairs decoded with the saved adapter.
     """
@@ -198,41 +200,61 @@ class ShardSet(IterableDataset):
         """The raw value of a record, through its modality's saved adapter."""
         return self.adapters[record.meta["modality"]].decode(record)
 
-    def __iter__(self) -> Iterator[Any]:
-        rank, world = _dist_info(self.rank, self.world_size)
+    def ranks(self) -> tuple[int, int]:
+        """This process's rank and the number of ranks (given, or from torch.distributed / the environment)."""
+        return _dist_info(self.rank, self.world_size)
+
+    def consumer(self) -> tuple[int, int]:
+        """This reader's consumer index and the number of consumers (ranks x DataLoader workers)."""
+        rank, world = self.ranks()
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-        consumer, consumers = rank * nw + wid, world * nw
-        epoch = self.epoch
-        while True:
-            stream = self._records(consumer, consumers, epoch)
-            if self.shuffle_buffer > 0:
-                stream = _shuffled(stream, self.shuffle_buffer, random.Random(hash((self.seed, epoch, consumer))))
-            for rec in stream:
-                yield (rec, self.decode(rec)) if self.decoded else rec
-            if not self.repeat:
-                return
-            epoch += 1
+        return rank * nw + wid, world * nw
 
-    def _records(self, consumer: int, consumers: int, epoch: int) -> Iterator[Record]:
+    def stream(self, consumer: int, consumers: int, position: dict[str, int] | None = None) -> ShardStream:
+        """The records of one consumer from ``position`` (see :class:`ShardStream`; None: the start of :attr:`epoch`)."""
+        return ShardStream(self, consumer, consumers, position)
+
+    def __iter__(self) -> Iterator[Any]:
+        for rec in self.stream(*self.consumer()):
+            yield (rec, self.decode(rec)) if self.decoded else rec
+
+    @property
+    def window(self) -> int:
+        """Records shuffled together, and so held at once: the shuffle buffer (1 without shuffling)."""
+        return max(self.shuffle_buffer, 1)
+
+    def _slots(self, consumer: int, consumers: int, epoch: int, first: int) -> Iterator[tuple[int, Record]]:
+        """``(slot, record)`` of one consumer in one epoch, from slot ``first`` on: slot k is the consumer's k-th record.
+
+        The epoch's shard order is shuffled with (seed, epoch); a consumer owns every n-th shard, or, with fewer
+        shards than consumers, every n-th record. Starting at a slot skips whole shards unread and the head of one
+        shard undecoded, so it costs at most one shard's bytes, whatever the slot.
+        """
         shards = list(self.shards)
         if self.shuffle_buffer > 0:
             random.Random(hash((self.seed, epoch))).shuffle(shards)
         by_shard = len(shards) >= consumers
         mine = shards[consumer::consumers] if by_shard else shards
-        n = 0
+        start = first if by_shard else first * consumers + consumer  # index over the records of `mine`
+        base = 0
         for i, modality, entry in mine:
-            read = 0
+            n = entry["records"]
+            if base + n <= start:
+                base += n
+                continue
+            lo = max(0, start - base)
+            keep = (lambda k: k >= lo) if by_shard else (lambda k, b=base: k >= lo and (b + k) % consumers == consumer)
+            read = lo
             try:
-                for rec in self._read_shard(i, modality, entry):
-                    if by_shard or (n + read) % consumers == consumer:
-                        yield rec
-                    read += 1
+                for k, rec in self._read_shard(i, modality, entry, keep):
+                    read = k + 1
+                    yield (base + k if by_shard else (base + k) // consumers), rec
             except ShardError as e:
                 if self.bad_shards != "skip":
                     raise
-                self._skip(entry, e, range(n + read, n + entry["records"]), None if by_shard else (consumer, consumers), read)
-            n += entry["records"]
+                self._skip(entry, e, range(base + read, base + n), None if by_shard else (consumer, consumers), read)
+            base += n
 
     def _skip(self, entry: dict[str, Any], err: ShardError, lost: range, share: tuple[int, int] | None, read: int) -> None:
         """Count this reader's records lost to a bad shard (all of them, or its every n-th) and report it."""
@@ -240,7 +262,8 @@ class ShardSet(IterableDataset):
         self.skipped.append(SkippedShard(entry["file"], str(err), skipped, read))
         self.report(f"warning: bad shard skipped: {err}; {skipped} record(s) of it skipped here, {read} read before the problem showed")
 
-    def _read_shard(self, i: int, modality: str, entry: dict[str, Any]) -> Iterator[Record]:
+    def _read_shard(self, i: int, modality: str, entry: dict[str, Any], keep: Callable[[int], bool]) -> Iterator[tuple[int, Record]]:
+        """``(index in the shard, record)`` for the indices ``keep`` accepts; the others are streamed past undecoded."""
         loc = self.locations[i]
         url = loc.url(entry["file"])
         try:
@@ -252,11 +275,13 @@ class ShardSet(IterableDataset):
             try:
                 members = ({**m, "__url__": url} for m in wds.tariterators.tar_file_iterator(stream))
                 for sample in wds.tariterators.group_by_keys(members):
+                    count += 1
+                    if not keep(count - 1):
+                        continue
                     rec = decode_sample(sample)
                     _check_record(url, rec, self.sizes[i])
                     rec.meta["modality"] = modality
-                    count += 1
-                    yield rec
+                    yield count - 1, rec
             except ShardError:
                 if stream.failure:  # the tar reader may have rewritten the message
                     raise ShardError(stream.failure) from None
@@ -319,17 +344,54 @@ def field_lengths(records: Iterable[Record]) -> dict[str, dict[int, int]]:
     return {name: dict(sorted(c.items())) for name, c in counts.items() if len(c) > 1}
 
 
-def _shuffled(stream: Iterator[Record], size: int, rng: random.Random) -> Iterator[Record]:
-    buf: list[Record] = []
-    for rec in stream:
-        if len(buf) < size:
-            buf.append(rec)
-            continue
-        i = rng.randrange(size)
-        yield buf[i]
-        buf[i] = rec
-    rng.shuffle(buf)
-    yield from buf
+class ShardStream:
+    """One consumer's records of a :class:`ShardSet`, with the position to restart them from.
+
+    A consumer's records of an epoch are cut into windows of :attr:`ShardSet.window`
+    slots; each window is read whole and handed out in an order shuffled with
+    (seed, epoch, consumer, window). ``position`` — ``{"epoch", "window", "taken"}``,
+    plain ints — says where the next record comes from, so a stream started at a
+    saved position continues exactly where the saved one stopped, after reading at
+    most one shard's head and one window, however far into the data it is.
+    """
+
+    def __init__(self, shards: ShardSet, consumer: int, consumers: int, position: dict[str, int] | None = None) -> None:
+        self.shards, self.consumer, self.consumers = shards, consumer, consumers
+        self.position = dict(position) if position else {"epoch": shards.epoch, "window": 0, "taken": 0}
+        self._records = self._run(**self.position)
+
+    def __iter__(self) -> ShardStream:
+        return self
+
+    def __next__(self) -> Record:
+        return next(self._records)
+
+    def _run(self, epoch: int, window: int, taken: int) -> Iterator[Record]:
+        s, size = self.shards, self.shards.window
+        while True:
+            for w, recs in _windows(s._slots(self.consumer, self.consumers, epoch, window * size), size):
+                order = list(range(len(recs)))
+                if s.shuffle_buffer > 0:
+                    random.Random(hash((s.seed, epoch, self.consumer, w))).shuffle(order)
+                for k in range(taken if w == window else 0, len(order)):
+                    self.position = {"epoch": epoch, "window": w, "taken": k + 1}
+                    yield recs[order[k]]
+            if not s.repeat:
+                return
+            epoch, window, taken = epoch + 1, 0, 0
 
 
-__all__ = ["BAD_SHARD_POLICIES", "ShardSet", "SkippedShard", "field_lengths", "load_manifest"]
+def _windows(slots: Iterator[tuple[int, Record]], size: int) -> Iterator[tuple[int, list[Record]]]:
+    """Consecutive ``(window index, records)`` groups of ``(slot, record)`` pairs, window = slot // size."""
+    current, recs = -1, []
+    for slot, rec in slots:
+        if slot // size != current:
+            if recs:
+                yield current, recs
+            current, recs = slot // size, []
+        recs.append(rec)
+    if recs:
+        yield current, recs
+
+
+__all__ = ["BAD_SHARD_POLICIES", "ShardSet", "ShardStream", "SkippedShard", "field_lengths", "load_manifest"]
