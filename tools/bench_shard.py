@@ -100,6 +100,12 @@ def bench_stream(directory: Path, repeat: int) -> dict[str, float]:
     return {"records": n, "disk_s": times["disk"], "http_s": times["http"]}
 
 
+def sample_shards(table: dict[str, tuple[list[str], dict[str, Any]]], modality: str, out: Path, **kw: Any) -> tuple[Path, dict[str, Any]]:
+    """Shards of the modality's benchmark input in ``out``, and their manifest."""
+    paths, options = table[modality]
+    return out, write_shards(modality, [(ROOT / p).resolve() for p in paths], out, progress=False, **options, **kw)
+
+
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args: object) -> None:
         pass
@@ -108,10 +114,8 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 def stream_section(table: dict[str, tuple[list[str], dict[str, Any]]], modalities: list[str], repeat: int) -> None:
     print(f"{'modality':9} {'records':>8} {'MB':>7} | {'disk rec/s':>10} {'disk MB/s':>9} | {'http rec/s':>10} {'http MB/s':>9} | {'http/disk':>9}")
     for modality in modalities:
-        paths, options = table[modality]
         with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp) / "shards"
-            manifest = write_shards(modality, [(ROOT / p).resolve() for p in paths], out, progress=False, **options)
+            out, manifest = sample_shards(table, modality, Path(tmp) / "shards")
             mb = sum(s["bytes"] for s in manifest["shards"]) / 1e6
             r = bench_stream(out, repeat)
         print(f"{modality:9} {r['records']:8d} {mb:7.1f} | {r['records'] / r['disk_s']:10.0f} {mb / r['disk_s']:9.1f} | "
@@ -137,10 +141,8 @@ def size_section(table: dict[str, tuple[list[str], dict[str, Any]]], modalities:
 
     print(f"{'modality':9} {'records':>8} | {'v1 B/rec':>9} {'v2 B/rec':>9} | {'v2/v1':>6}")
     for modality in modalities:
-        paths, options = table[modality]
         with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp) / "shards"
-            manifest = write_shards(modality, [(ROOT / p).resolve() for p in paths], out, progress=False, **options)
+            out, manifest = sample_shards(table, modality, Path(tmp) / "shards")
             sink, records = _CountingSink(), iter(ShardSet(out))
             for shard in manifest["shards"]:  # the same records, shard by shard, in the old layout
                 writer = wds.TarWriter(sink, encoder=False, mtime=0)
@@ -215,8 +217,7 @@ def resume_section(table: dict[str, tuple[list[str], dict[str, Any]]], modalitie
     with tempfile.TemporaryDirectory() as tmp:
         sets = {}
         for m in ("protein", "tabular"):
-            paths, options = table[m]
-            write_shards(m, [(ROOT / p).resolve() for p in paths], Path(tmp) / m, shard_size=500, progress=False, **options)
+            sample_shards(table, m, Path(tmp) / m, shard_size=500)
             sets[m] = ShardSet(Path(tmp) / m, shuffle_buffer=256, seed=0, repeat=True, rank=0, world_size=1)
         spec = sets["protein"].spec.merged(sets["tabular"].spec)
 
