@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -306,7 +307,7 @@ def test_garbage_record_header_is_one_line():
 
 
 def test_overwrite_swaps_so_one_complete_data_set_is_always_there(monkeypatch):
-    from maskdiff import shards as shards_mod
+    from maskdiff import shard_writer as shards_mod
 
     out = scratch("swap") / "tab"
     first = write_shards("tabular", [PENGUINS], out, shard_size=50, progress=False)
@@ -341,3 +342,17 @@ def test_failed_overwrite_keeps_the_old_data_set(monkeypatch):
         write_shards("tabular", [PENGUINS], out, overwrite=True, progress=False)
     assert load_manifest(out) == first and len(list(ShardSet(out))) == first["samples_written"]
     assert sorted(p.name for p in out.parent.iterdir()) == ["tab"]
+
+
+@pytest.mark.parametrize("modality", ["protein", "tabular"])
+def test_workers_write_the_same_bytes_as_one(modality):
+    root = scratch(f"workers-{modality}")
+    if modality == "protein":  # with refused records among them
+        (root / "in.faa").write_text(Path(built("protein")[1]["inputs"][0]).read_text() + ">illegal\nMKVJOU1\n>inner\nMK*VL\n")
+    inputs = [root / "in.faa"] if modality == "protein" else [PENGUINS]
+    one = write_shards(modality, inputs, root / "one", shard_size=40, max_len=200 if modality == "protein" else None, progress=False)
+    two = write_shards(modality, inputs, root / "two", shard_size=40, max_len=200 if modality == "protein" else None, progress=False, workers=2)
+    assert one["records_rejected"] > 0 or modality == "tabular"
+    assert [s["sha256"] for s in one["shards"]] == [s["sha256"] for s in two["shards"]] and len(one["shards"]) > 2
+    assert (root / "one" / REJECTS).read_bytes() == (root / "two" / REJECTS).read_bytes()
+    assert {k: v for k, v in one.items() if k != "created"} == {k: v for k, v in two.items() if k != "created"}

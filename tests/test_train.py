@@ -83,7 +83,7 @@ def _rows(batches) -> Counter:
     return Counter(tuple(row[valid].tolist()) for b in batches for row, valid in zip(b.tokens, ~b.pad))
 
 
-def _loader(shards: Path, rank: int, world: int, *overrides: str, start: int = 0):
+def _loader(shards: Path, rank: int, world: int, *overrides: str, start: dict | None = None):
     from maskdiff.config import load_config, to_run_config
     from maskdiff.loader import open_sources, train_dataset
 
@@ -111,18 +111,23 @@ def test_ranks_and_workers_read_disjoint_records(tmp_path_factory: pytest.TempPa
     assert not (got - everything), "a record was read twice within an epoch"
 
 
-def test_stream_replays_to_a_position(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Starting at micro-batch k gives exactly the batches k, k+1, ... of a fresh stream (also with workers)."""
-    from maskdiff.loader import batches
+def test_stream_resumes_at_a_saved_position(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Starting at a saved position gives exactly the batches that followed it (also with workers, mid-turn),
+    and a position saved with another worker count is refused with what to do."""
+    from maskdiff.loader import PositionMismatch, batches
 
     shards = tiny_shard_root(tmp_path_factory)
     for workers in (0, 2):
         full = batches(_loader(shards, 0, 1, f"data.workers={workers}")[0], workers)
-        head = [next(full) for _ in range(9)]
-        tail = batches(_loader(shards, 0, 1, f"data.workers={workers}", start=5)[0], workers)
+        head = [next(full) for _ in range(5)]
+        position = json.loads(json.dumps(full.position()))  # as saved in a checkpoint
+        head += [next(full) for _ in range(6)]
+        tail = batches(_loader(shards, 0, 1, f"data.workers={workers}", start=position)[0], workers)
         for a in head[5:]:
             b = next(tail)
             assert torch.equal(a.tokens, b.tokens) and torch.equal(a.support_ids, b.support_ids)
+    with pytest.raises(PositionMismatch, match=r"data.workers=2; this run has 1 with data.workers=0. Resume with the same"):
+        batches(_loader(shards, 0, 1, start=position)[0], 0)
     mixed = {m for b in head for m in b.modality_ids[~b.pad].unique().tolist()}
     assert len(mixed) == 2 and any(b.pad.any() for b in head)  # both modalities, padded batches
 

@@ -62,11 +62,16 @@ class DataConfig:
     bucket: int = 4  # micro-batches whose records are sorted by length together (1 = off)
     workers: int = 0  # DataLoader worker processes per rank
     heldout: float = 0.05  # fraction of records (by key hash) held out for evaluation
+    bad_shards: str = "stop"  # a corrupt, truncated or unreachable shard: stop the run, or skip (and report) it
 
     def shard_dir(self, name: str) -> Path:
         """Where a shard directory named in ``sources``/``build`` lives."""
         p = Path(name)
         return p if p.is_absolute() else Path(self.shard_root) / p
+
+    def shard_source(self, name: str) -> Path | str:
+        """:meth:`shard_dir`, or the name itself when it is a URL (``https://``, ``s3://``, ``pipe:`` ...)."""
+        return name if "://" in name or name.startswith("pipe:") else self.shard_dir(name)
 
 
 @dataclass
@@ -248,6 +253,7 @@ def validate(rc: RunConfig) -> None:
         _check(value is None or value >= low, f"data.{name}", f"must be >= {low}, got {value}")
     _check(d.max_len is None or d.max_len >= 1, "data.max_len", "must be >= 1 or null")
     _check(0.0 <= d.heldout < 1.0, "data.heldout", f"must be in [0, 1), got {d.heldout}")
+    _check(d.bad_shards in ("stop", "skip"), "data.bad_shards", f"must be stop or skip, got {d.bad_shards!r}")
     for mod in rc.modalities:
         _check(mod in rc.schedules, f"schedules.{mod}", f"modality {mod!r} has data but no masking schedule")
     for mod, s in rc.schedules.items():

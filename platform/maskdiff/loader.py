@@ -16,9 +16,11 @@
   lengths and modalities share a batch: many table rows, few images.
 * Records are split into training and held-out sets by a hash of their id
   (and text window), stable across runs, ranks and epochs.
-* The stream is a deterministic function of (seed, rank, worker count), so a
-  resumed run replays it to its saved position: the first ``start``
-  micro-batches are drawn again without collating them.
+* The stream is a deterministic function of (seed, rank, worker count) and
+  its position is plain data (:meth:`BatchStream.position`: per worker stream,
+  the mixing RNG state, each modality's shard / window / record position and the
+  micro-batches given out of the current bucket), so a resumed run seeks to it:
+  it reads at most one shard head and one bucket, however long the run was.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -56,8 +58,8 @@ def ensure_shards(rc: RunConfig, log: Callable[[str], None] = print) -> list[Pat
     built = []
     for mod in rc.modalities:
         for name in rc.data.sources[mod].dirs:
-            d = rc.data.shard_dir(name)
-            if (d / MANIFEST).is_file():
+            d = rc.data.shard_source(name)
+            if not isinstance(d, Path) or (d / MANIFEST).is_file():  # a URL is read as it is, never built
                 continue
             recipe = rc.data.build.get(name)
             if recipe is None:
@@ -78,7 +80,7 @@ def open_sources(rc: RunConfig, rank: int, world_size: int, **kw) -> tuple[dict[
     sets: dict[str, ShardSet] = {}
     for mod in rc.modalities:
         key = f"data.sources.{mod}.dirs"
-        dirs = [rc.data.shard_dir(name) for name in rc.data.sources[mod].dirs]
+        dirs = [rc.data.shard_source(name) for name in rc.data.sources[mod].dirs]
         for d in dirs:
             try:
                 found = load_manifest(d)["modality"]
@@ -87,7 +89,7 @@ def open_sources(rc: RunConfig, rank: int, world_size: int, **kw) -> tuple[dict[
             if found != mod:
                 raise ConfigError(f"config key '{key}': {d} holds {found} shards, not {mod}")
         try:
-            sets[mod] = ShardSet(dirs, rank=rank, world_size=world_size, **kw)
+            sets[mod] = ShardSet(dirs, rank=rank, world_size=world_size, bad_shards=rc.data.bad_shards, **kw)
         except (ShardError, VocabMismatchError) as e:
             raise ConfigError(f"config key '{key}': {e}") from None
     spec: VocabSpec | None = None
@@ -139,10 +141,14 @@ class BatchLimits:
 
 
 class MixedBatches(IterableDataset):
-    """Endless padded micro-batches of records mixed over modalities (see the module docstring)."""
+    """Endless padded micro-batches of records mixed over modalities (see the module docstring).
+
+    ``start``: a data position saved by :meth:`BatchStream.position` to continue from (None: the beginning).
+    """
 
     def __init__(self, sets: Mapping[str, ShardSet], weights: Mapping[str, float], spec: VocabSpec, *, limits: BatchLimits,
-                 bucket: int = 1, max_len: int | None = None, heldout: float = 0.0, seed: int = 0, rank: int = 0, start: int = 0):
+                 bucket: int = 1, max_len: int | None = None, heldout: float = 0.0, seed: int = 0, rank: int = 0,
+                 start: dict[str, Any] | None = None):
         super().__init__()
         self.mods = [m for m in MODALITIES if m in sets and weights.get(m, 0) > 0]
         if not self.mods:
@@ -151,27 +157,45 @@ class MixedBatches(IterableDataset):
         self.sets, self.probs = sets, np.array([weights[m] / total for m in self.mods])
         self.spec, self.limits, self.bucket, self.max_len = spec, limits, bucket, max_len
         self.heldout, self.seed, self.rank, self.start = heldout, seed, rank, start
+        self.with_positions = False  # set by BatchStream: yield (batch, position) pairs
         if not all(sets[m].repeat for m in self.mods):
             raise ValueError("MixedBatches needs endless sources (ShardSet(..., repeat=True))")
 
-    def _records(self, mod: str) -> Iterator[Record]:
-        for rec in self.sets[mod]:
-            if not is_heldout(rec, self.heldout):
-                yield rec
-
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Iterator[Any]:
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-        rng = np.random.default_rng([self.seed, self.rank, wid, nw])
-        streams = {m: self._records(m) for m in self.mods}
-        skip = self.start // nw  # see batches(): the main process drops the first start % nw
+        k = (wid + (self.start["next"] if self.start else 0)) % nw  # the stream this worker continues (see BatchStream)
+        state = self.start["streams"][k] if self.start else None
+        for batch, position in self._stream(k, nw, state):
+            yield (batch, position) if self.with_positions else batch
+
+    def _stream(self, k: int, nw: int, state: dict[str, Any] | None) -> Iterator[tuple[Batch, dict[str, Any]]]:
+        """Stream ``k`` of ``nw`` of this rank, each batch with the position after it.
+
+        The position is the state at the start of the current bucket (mixing RNG, records and tokens seen
+        per modality, each modality's :class:`~maskdiff.shards.ShardStream` position) and the number of
+        the bucket's micro-batches already given out: resuming draws that one bucket again and skips them.
+        """
+        rng = np.random.default_rng([self.seed, self.rank, k, nw])
         seen = {m: [0, 0] for m in self.mods}  # records and tokens drawn per modality
+        starts: dict[str, Any] = {m: None for m in self.mods}
+        skip = 0
+        if state is not None:
+            rng.bit_generator.state = state["rng"]
+            seen, starts, skip = state["seen"], state["streams"], state["yielded"]
+        streams = {}
+        for m in self.mods:
+            rank, world = self.sets[m].ranks()
+            streams[m] = self.sets[m].stream(rank * nw + k, world * nw, starts[m])
+        records_of = {m: (r for r in streams[m] if not is_heldout(r, self.heldout)) for m in self.mods}
         while True:
+            at_start = {"rng": rng.bit_generator.state, "seen": {m: list(v) for m, v in seen.items()},
+                        "streams": {m: dict(streams[m].position) for m in self.mods}}
             records: list[Record] = []
             tokens = 0
             while not self.limits.full(len(records), tokens, self.bucket):
                 m = self.mods[rng.choice(len(self.mods), p=self._pick_probs(seen))]
-                rec = next(streams[m])
+                rec = next(records_of[m])
                 records.append(rec)
                 tokens += len(rec)
                 seen[m][0] += 1
@@ -179,11 +203,10 @@ class MixedBatches(IterableDataset):
             if self.bucket > 1:
                 records.sort(key=len)
             chunks = self.limits.split(records)
-            for j in rng.permutation(len(chunks)):
-                if skip > 0:
-                    skip -= 1
-                    continue
-                yield self.collate(chunks[j])
+            for i, j in enumerate(rng.permutation(len(chunks))):
+                if i >= skip:
+                    yield self.collate(chunks[j]), {**at_start, "yielded": i + 1}
+            skip = 0
 
     def _pick_probs(self, seen: Mapping[str, list[int]]) -> np.ndarray:
         """Modality of the next record. With a token budget the mixing weights are shares of tokens:
@@ -205,21 +228,54 @@ class MixedBatches(IterableDataset):
         return collate(records, self.spec)
 
 
-def batches(dataset: MixedBatches, workers: int) -> Iterator[Batch]:
-    """The dataset's batches, produced in ``workers`` DataLoader processes (0 = in this one).
+class PositionMismatch(ConfigError):
+    """A saved data position was made with another number of processes or DataLoader workers."""
 
-    A DataLoader takes batches from its workers in turn, starting with worker
-    0, so global batch ``g`` is batch ``g // workers`` of worker ``g % workers``.
-    To resume at ``start``, every worker skips ``start // workers`` batches
-    and the first ``start % workers`` batches (made again by workers that had
-    already delivered them) are dropped here.
+
+class BatchStream:
+    """The dataset's batches, produced in ``workers`` DataLoader processes (0 = in this one), and the position
+    to resume them from (:meth:`position`, plain JSON-able data).
+
+    A DataLoader takes batches from its workers in turn, starting with worker 0.
+    The position holds each worker stream's state after its last batch taken
+    here, and which stream comes next; resuming, DataLoader worker ``w`` continues
+    stream ``(w + next) % workers``, so the turn order goes on unbroken.
     """
-    if workers == 0:
-        return iter(dataset)
-    loader = iter(DataLoader(dataset, batch_size=None, num_workers=workers, prefetch_factor=4))
-    for _ in range(dataset.start % workers):
-        next(loader)
-    return loader
+
+    def __init__(self, dataset: MixedBatches, workers: int) -> None:
+        start, world = dataset.start, _world(dataset)
+        if start is not None and (start["world"], start["workers"]) != (world, workers):
+            raise PositionMismatch(
+                f"the data position was saved by {start['world']} process(es) with data.workers={start['workers']}; this run has "
+                f"{world} with data.workers={workers}. Resume with the same (e.g. torchrun --nproc_per_node {start['world']} "
+                f"tools/train.py --resume RUN data.workers={start['workers']}); each process and worker continues its own "
+                f"share of the data, which another split would not match")
+        self.world, self.workers = world, workers
+        self.next = start["next"] if start else 0
+        self.streams: list[dict[str, Any] | None] = list(start["streams"]) if start else [None] * max(workers, 1)
+        dataset.with_positions = True
+        self._it = iter(dataset) if workers == 0 else iter(DataLoader(dataset, batch_size=None, num_workers=workers, prefetch_factor=4))
+
+    def __iter__(self) -> BatchStream:
+        return self
+
+    def __next__(self) -> Batch:
+        batch, position = next(self._it)
+        self.streams[self.next] = position
+        self.next = (self.next + 1) % len(self.streams)
+        return batch
+
+    def position(self) -> dict[str, Any]:
+        return {"world": self.world, "workers": self.workers, "next": self.next, "streams": list(self.streams)}
+
+
+def _world(dataset: MixedBatches) -> int:
+    return next(iter(dataset.sets.values())).ranks()[1]
+
+
+def batches(dataset: MixedBatches, workers: int) -> BatchStream:
+    """:class:`BatchStream` of ``dataset`` in ``workers`` DataLoader processes."""
+    return BatchStream(dataset, workers)
 
 
 def heldout_batches(rc: RunConfig, spec: VocabSpec, rank: int, world_size: int, count: int) -> dict[str, list[Batch]]:
@@ -231,8 +287,8 @@ def heldout_batches(rc: RunConfig, spec: VocabSpec, rank: int, world_size: int, 
     for mod in rc.modalities:
         records: list[Record] = []
         tokens = 0
-        dirs = [rc.data.shard_dir(name) for name in rc.data.sources[mod].dirs]
-        for rec in ShardSet(dirs, rank=rank, world_size=world_size):
+        dirs = [rc.data.shard_source(name) for name in rc.data.sources[mod].dirs]
+        for rec in ShardSet(dirs, rank=rank, world_size=world_size, bad_shards=rc.data.bad_shards):
             if is_heldout(rec, rc.data.heldout):
                 records.append(rec)
                 tokens += len(rec)
@@ -242,13 +298,13 @@ def heldout_batches(rc: RunConfig, spec: VocabSpec, rank: int, world_size: int, 
     return out
 
 
-def train_dataset(rc: RunConfig, sets: Mapping[str, ShardSet], spec: VocabSpec, rank: int, start: int = 0) -> MixedBatches:
+def train_dataset(rc: RunConfig, sets: Mapping[str, ShardSet], spec: VocabSpec, rank: int, start: dict[str, Any] | None = None) -> MixedBatches:
     d = rc.data
     return MixedBatches(sets, {m: d.sources[m].weight for m in rc.modalities}, spec, limits=BatchLimits.of(rc), bucket=d.bucket,
                         max_len=d.max_len, heldout=d.heldout, seed=rc.seed, rank=rank, start=start)
 
 
 __all__ = [
-    "BatchLimits", "MixedBatches", "batches", "ensure_shards", "heldout_batches", "is_heldout", "open_sources",
+    "BatchLimits", "BatchStream", "MixedBatches", "PositionMismatch", "batches", "ensure_shards", "heldout_batches", "is_heldout", "open_sources",
     "record_key", "train_dataset",
 ]

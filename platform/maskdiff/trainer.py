@@ -12,7 +12,8 @@ with its RNG states and data position), ``bundle/`` (the inference bundle,
 see :mod:`maskdiff.bundle`), ``summary.json`` and ``plots/``.
 
 A resumed run restores model, optimizer, LR schedule, RNG states and the data
-position (the stream is replayed to it), so it continues the same trajectory.
+position (the stream seeks to it: shard, window and record per process and
+DataLoader worker), so it continues the same trajectory.
 Checkpoints are sealed with checksums and loaded without arbitrary unpickling
 (see :mod:`maskdiff.checkpoints`); a damaged newest one falls back to the
 previous complete one.
@@ -50,7 +51,7 @@ from .batch import Batch, drop_fields
 from .checkpoints import CheckpointError, Choice, choose, safe_load, seal, step_of, tag_for, use_safe_loader, write_latest
 from .config import ConfigError, RunConfig, save_config, to_run_config
 from .joint import JointModel
-from .loader import batches, ensure_shards, heldout_batches, is_heldout, open_sources, train_dataset
+from .loader import PositionMismatch, batches, ensure_shards, heldout_batches, is_heldout, open_sources, train_dataset
 from .shards import ShardSet, field_lengths
 from .tokens import MODALITIES, VocabSpec
 
@@ -524,7 +525,8 @@ class Trainer:
             shutil.rmtree(self.ckpt_dir / tag, ignore_errors=True)  # e.g. a damaged one passed over on resume
         dist.barrier()
         (self.ckpt_dir / tag).mkdir(parents=True, exist_ok=True)
-        state = {"step": step, "micro_batches": step * self.rc.deepspeed.grad_accum, "torch_rng": torch.get_rng_state(),
+        state = {"step": step, "micro_batches": step * self.rc.deepspeed.grad_accum, "data_position": json.dumps(self.data.position()),
+                 "torch_rng": torch.get_rng_state(),
                  "generator": self.generator.get_state(), "world_size": self.world, "skipped_total": self.skipped_total}
         if self.device.type == "cuda":
             state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
@@ -566,18 +568,23 @@ class Trainer:
         if path is None:
             raise ConfigError(f"{where}: checkpoint {choice.tag} could not be loaded")
         if state["world_size"] != self.world:
-            raise ConfigError(f"{where}: saved with {state['world_size']} processes, resumed with {self.world}; the data position would not match")
+            raise ConfigError(f"{where}: saved with {state['world_size']} processes, resumed with {self.world}; resume with "
+                              f"{state['world_size']} (torchrun --nproc_per_node {state['world_size']} tools/train.py --resume {self.run_dir}): "
+                              f"each process continues its own share of the data, which another split would not match")
         torch.set_rng_state(state["torch_rng"])
         self.generator.set_state(state["generator"])
         if "cuda_rng" in state and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"], self.device)
         self.skipped_total = int(state.get("skipped_total", 0))
+        self.data_start = json.loads(state["data_position"]) if "data_position" in state else None
+        if self.data_start is None:
+            self.log(f"warning: {choice.tag} holds no data position (saved by an older version); the data stream starts afresh")
         return int(state["step"])
 
     # --- steps ------------------------------------------------------------------------------
     def _training_lengths(self, modality: str) -> dict[str, dict[int, int]]:
         """Length distribution of the variable-length fields of this modality's training records (all ranks' shards)."""
-        every = ShardSet(self.sets[modality].dirs, rank=0, world_size=1)
+        every = ShardSet(self.sets[modality].dirs, rank=0, world_size=1, bad_shards=self.rc.data.bad_shards)
         return field_lengths(r for r in every if not is_heldout(r, self.rc.data.heldout))
 
     def _condition_ids(self) -> list[int]:
@@ -636,6 +643,7 @@ class Trainer:
 
         rc, t = self.rc, self.rc.train
         self._build_engine()
+        self.data_start: dict[str, Any] | None = None
         start = self.load_checkpoint() if self.resume else 0
         stop = min(t.steps, until) if until is not None else t.steps
         metrics = MetricsLog(self.run_dir / METRICS, self.is_main, start if self.resume else None)
@@ -644,8 +652,11 @@ class Trainer:
                  f"{', '.join(rc.modalities)}, {self.world} process(es) on {self.device.type}, ZeRO {rc.deepspeed.zero_stage}, "
                  f"steps {start} -> {stop} of {t.steps}, run dir {self.run_dir}")
         heldout = heldout_batches(rc, self.spec, self.rank, self.world, t.eval_batches)
-        dataset = train_dataset(rc, self.sets, self.spec, self.rank, start=start * rc.deepspeed.grad_accum)
-        it = batches(dataset, rc.data.workers)
+        dataset = train_dataset(rc, self.sets, self.spec, self.rank, start=self.data_start)
+        try:
+            self.data = it = batches(dataset, rc.data.workers)
+        except PositionMismatch as e:
+            raise ConfigError(f"--resume {self.run_dir}: {e}") from None
         bar = None
         if self.progress:
             from tqdm import tqdm

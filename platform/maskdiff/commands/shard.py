@@ -12,6 +12,9 @@ examples:
   python tools/shard.py --modality protein --input data/protein/uniprot-trembl-2k.fasta.gz \\
       --output shards/uniprot --max-len 512 --condition OS,PE
 
+  # a large FASTA, encoded by 2 processes (the same bytes as one)
+  python tools/shard.py --modality protein --input big.fasta --output shards/big --workers 2
+
   # MNIST from its IDX files (labels paired automatically), 2000 images per shard
   python tools/shard.py --modality pixels --input data/pixels/mnist-t10k-images-idx3-ubyte.gz \\
       data/pixels/mnist-t10k-labels-idx1-ubyte.gz --output shards/mnist --shard-size 2000
@@ -60,6 +63,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, tuple[Option, set
     ap.add_argument("--max-len", type=int, metavar="L", help="text: tokens per window (default 1024); protein: length limit, see --length-policy (default 1024)")
     ap.add_argument("--overwrite", action="store_true", help="replace the data set already in DIR (built aside, then swapped in whole: DIR always holds one complete data set; other files in DIR are kept)")
     ap.add_argument("--state-from", metavar="DIR", help="reuse the fitted adapter (vocabulary, bins, BPE model) of another shard directory of this modality")
+    ap.add_argument("--workers", type=int, default=1, metavar="N", help="encode in N processes while this one reads the input (same output bytes as 1; default 1)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar (it is off anyway when stderr is not a terminal or CI is set)")
     owners: dict[str, tuple[Option, set[str]]] = {}
     for modality, cls in ADAPTERS.items():
@@ -95,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_term)
     try:
         m = write_shards(args.modality, args.input, args.output, name=args.name, shard_size=args.shard_size, max_len=args.max_len,
-                         overwrite=args.overwrite, state_from=args.state_from, progress=False if args.no_progress else None, **options)
+                         overwrite=args.overwrite, state_from=args.state_from, progress=False if args.no_progress else None,
+                         workers=args.workers, **options)
     except (InputError, VocabMismatchError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
