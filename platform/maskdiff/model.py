@@ -110,6 +110,8 @@ class Block(nn.Module):
         self.attn, self.mlp = Attention(cfg), SwiGLU(cfg)
         # adaLN: shift/scale/gate for both sublayers from the time embedding, zero-init (identity at start)
         self.ada = nn.Linear(cfg.dim, 6 * cfg.dim) if cfg.time_conditioning else None
+        # added to ada's output: (shift, 1 + scale, 1 + gate) x 2, so the ones are added per record, not per token
+        self.register_buffer("ada_offset", torch.tensor([0.0, 1.0, 1.0, 0.0, 1.0, 1.0]).repeat_interleave(cfg.dim), persistent=False)
 
     def reset_ada(self) -> None:
         if self.ada is not None:
@@ -123,11 +125,16 @@ class Block(nn.Module):
         if self.ada is None or temb is None:
             x = x + self.attn(self.norm1(x), cos, sin, attn_mask)
             return x + self.mlp(self.norm2(x))
-        mod = self.ada(temb)  # (records, 6 dim): computed per record, then looked up per token
-        mod = mod.unsqueeze(1) if segment_ids is None else mod[segment_ids]
-        s1, c1, g1, s2, c2, g2 = mod.chunk(6, dim=-1)
-        x = x + (1 + g1) * self.attn(self.norm1(x) * (1 + c1) + s1, cos, sin, attn_mask)
-        return x + (1 + g2) * self.mlp(self.norm2(x) * (1 + c2) + s2)
+        mod = self.ada(temb) + self.ada_offset  # (records, 6 dim): computed per record, then spread over its tokens
+        mod = mod.unsqueeze(1) if segment_ids is None else per_token(mod, segment_ids)
+        shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)  # scales and gates already hold the 1 +
+        x = torch.addcmul(x, gate1, self.attn(torch.addcmul(shift1, self.norm1(x), scale1), cos, sin, attn_mask))
+        return torch.addcmul(x, gate2, self.mlp(torch.addcmul(shift2, self.norm2(x), scale2)))
+
+
+def per_token(values: Tensor, segment_ids: Tensor) -> Tensor:
+    """(records, C) values spread to (B, L, C) by segment id (index_select: its backward is a fast index_add)."""
+    return values.index_select(0, segment_ids.reshape(-1)).view(*segment_ids.shape, values.shape[-1])
 
 
 def attention_mask(batch: Batch) -> Tensor | None:

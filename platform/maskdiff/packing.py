@@ -7,19 +7,22 @@ end (:func:`maskdiff.batch.collate_rows`):
 
 * rows are as long as the batch's longest record, and a batch holds
   ``batch_tokens // row length`` rows, so it keeps the token budget and the
-  attention span of the unpacked batch (attention cost grows with the row
+  attention span of the unpacked batch (attention costs grow with the row
   length, so rows are not made longer than the longest record);
 * records are placed best-fit decreasing: the pool (``bucket`` micro-batches'
   worth of records) is sorted longest first; each record goes into the row
-  whose free room fits it most tightly, or opens a new row while the batch
-  has fewer than its rows; when the next longest record fits nowhere, the
-  batch's gaps are topped up with the shortest records left, then it closes;
-* every record of the pool lands in exactly one row of one batch, so the
-  loader still reads each record once per epoch;
-* a pool's last batch, made of what was left, is usually far from full (a
-  few table rows): :class:`Packer` holds its records back and packs them
-  first with the next pool, so micro-batches stay close to the budget (a
-  held record is delayed by one pool, not dropped).
+  whose free room fits it most tightly, or starts a new row if the batch has
+  rows left and the record fills at least :data:`NEW_ROW_FILL` of one (a far
+  shorter record would pay the long rows' attention span and, in a
+  time-conditioned model, per-token modulation); when the next record fits
+  nowhere, the batch's gaps are topped up with the shortest records left,
+  then it closes;
+* every record of the pool lands in exactly one row of one batch;
+* a batch that is not full (a pool's last images, a few short proteins) is
+  not emitted: :class:`Packer` holds its records back into the next pool, at
+  most :data:`MAX_HOLDS` pools, so micro-batches are full and nearly free of
+  padding while each record is still read once per epoch (a few pools late
+  at worst).
 
 The model makes a packed row equivalent to separate rows (block-diagonal
 attention, positions restarting per record) and the ELBO draws time and mask
@@ -34,13 +37,18 @@ from typing import Generic, Sequence, Sized, TypeVar
 T = TypeVar("T")
 S = TypeVar("S", bound=Sized)
 
+NEW_ROW_FILL = 0.75  # a record starts a new row only if it fills this share of it (see pack_indices)
+MAX_HOLDS = 4  # pools a record may be held back while its batch is not full (see Packer)
 
-def pack_indices(lengths: Sequence[int], tokens: int, records: int | None = None) -> list[list[list[int]]]:
+
+def pack_indices(lengths: Sequence[int], tokens: int, records: int | None = None, new_row_fill: float = NEW_ROW_FILL) -> list[list[list[int]]]:
     """Micro-batches of rows of record indices (best-fit decreasing, see the module docstring).
 
     Each batch has at most ``tokens // longest`` rows (at least one) of
     ``longest`` tokens, ``longest`` being its first (longest) record, and
-    at most ``records`` records when that limit is set.
+    at most ``records`` records when that limit is set. A record starts a
+    new row only if it fills at least ``new_row_fill`` of it; a shorter one
+    only fills a gap, else it waits for a batch of narrower rows.
     """
     if tokens < 1 or (records is not None and records < 1):
         raise ValueError(f"packing needs a token budget >= 1 and a record limit >= 1 or None, got {tokens}, {records}")
@@ -59,7 +67,7 @@ def pack_indices(lengths: Sequence[int], tokens: int, records: int | None = None
             k = bisect_left(rooms, (n, -1))  # the tightest room that fits
             if k < len(rooms):
                 room, r = rooms.pop(k)
-            elif len(rows) < max_rows:
+            elif len(rows) < max_rows and n >= new_row_fill * width:
                 room, r = width, len(rows)
                 rows.append([])
             else:
@@ -86,32 +94,39 @@ def pack(items: Sequence[T], lengths: Sequence[int], tokens: int, records: int |
     return [[[items[i] for i in row] for row in batch] for batch in pack_indices(lengths, tokens, records)]
 
 
-class Packer(Generic[S]):
-    """Packs successive pools of records, holding back each pool's last batch while it is not full.
+def is_full(rows: Sequence[Sequence[Sized]], tokens: int, records: int | None = None) -> bool:
+    """Whether a packed batch has all its rows (``tokens // longest``) or all its ``records``."""
+    longest = max(len(x) for row in rows for x in row)
+    return len(rows) >= max(1, tokens // longest) or (records is not None and sum(map(len, rows)) >= records)
 
-    A batch is full when it has all its rows (``tokens // longest``) or its
-    ``records``; only the last batch of a pool can fall short (the others
-    closed because the next record fitted nowhere).
-    """
+
+class Packer(Generic[S]):
+    """Packs successive pools of records, holding back the records of a batch that is not full (:func:`is_full`)
+    into the next pool; a batch holding a record already held :data:`MAX_HOLDS` times is emitted as it is."""
 
     def __init__(self, tokens: int | None, records: int | None = None):
         if tokens is None:
             raise ValueError("packing needs a token budget (data.batch_tokens)")
         self.tokens, self.records = tokens, records
         self.held: list[S] = []
+        self.holds: dict[int, int] = {}  # id of a held item -> pools it has waited
 
     def __call__(self, items: Sequence[S]) -> list[list[list[S]]]:
         """Micro-batches of rows of the held items and ``items`` (sized: ``len`` is the token count)."""
         pool = [*self.held, *items]
         batches = pack(pool, [len(x) for x in pool], self.tokens, self.records)
+        waited = self.holds
+        ready: list[list[list[S]]] = []
         self.held = []
-        if len(batches) > 1 and not self._full(batches[-1]):
-            self.held = [x for row in batches.pop() for x in row]
-        return batches
+        for rows in batches:
+            if is_full(rows, self.tokens, self.records) or any(waited.get(id(x), 0) >= MAX_HOLDS for row in rows for x in row):
+                ready.append(rows)
+            else:
+                self.held += [x for row in rows for x in row]
+        if not ready:  # nothing full yet: emit everything rather than stall
+            ready, self.held = batches, []
+        self.holds = {id(x): waited.get(id(x), 0) + 1 for x in self.held}
+        return ready
 
-    def _full(self, rows: list[list[S]]) -> bool:
-        longest = max(len(x) for row in rows for x in row)
-        return len(rows) >= max(1, self.tokens // longest) or (self.records is not None and sum(map(len, rows)) >= self.records)
 
-
-__all__ = ["Packer", "pack", "pack_indices"]
+__all__ = ["NEW_ROW_FILL", "Packer", "is_full", "pack", "pack_indices"]
