@@ -246,3 +246,37 @@ def test_loader_packs_within_the_budget_and_reads_each_record_once_per_epoch(tmp
     assert set(seen["tabular"]) >= {r.meta["id"] + "#0" for r in train["tabular"]}
     held = heldout_batches(rc, spec, 0, 1, 2)
     assert all(b.shape[0] * b.shape[1] <= 120 for bs in held.values() for b in bs)
+
+
+def test_sampling_and_splitting_refuse_a_packed_batch(batches):
+    from maskdiff.batch import split
+    from maskdiff.sampler import sample
+
+    _, packed = batches
+    with pytest.raises(ValueError, match="packed"):
+        sample(denoiser(False), packed, schedules(False), steps=2)
+    with pytest.raises(ValueError, match="packed"):
+        split(packed, make_records(), SPEC)
+
+
+def test_a_packed_stream_resumes_at_a_saved_position(tmp_path_factory):
+    """Starting at a saved position gives exactly the packed batches that followed it (also with workers)."""
+    import json
+
+    from training_support import TINY, tiny_shard_root
+
+    from maskdiff.config import load_config, to_run_config
+    from maskdiff.loader import batches, open_sources, train_dataset
+
+    shards = tiny_shard_root(tmp_path_factory)
+    rc = to_run_config(load_config(TINY, [f"data.shard_root={shards}", "data.pack=true", "data.bucket=2"]))
+    sets, spec = open_sources(rc, 0, 1, shuffle_buffer=rc.data.shuffle_buffer, seed=rc.seed, repeat=True)
+    for workers in (0, 2):
+        full = batches(train_dataset(rc, sets, spec, 0), workers)
+        head = [next(full) for _ in range(7)]
+        position = json.loads(json.dumps(full.position()))  # as saved in a checkpoint
+        head += [next(full) for _ in range(8)]
+        tail = batches(train_dataset(rc, sets, spec, 0, start=position), workers)
+        for a in head[7:]:
+            b = next(tail)
+            assert torch.equal(a.tokens, b.tokens) and torch.equal(a.support_ids, b.support_ids)
