@@ -15,7 +15,7 @@ import torch
 from maskdiff.batch import Batch, collate, collate_rows, drop_fields
 from maskdiff.elbo import elbo, elbo_of_masks, position_nats
 from maskdiff.model import Denoiser, DenoiserConfig
-from maskdiff.packing import MAX_HOLDS, NEW_ROW_FILL, Packer, is_full, pack_indices
+from maskdiff.packing import NEW_ROW_FILL, is_full, pack_indices, pack_pool
 from maskdiff.schedules import LearnedPoly, ModalitySchedules, make_schedule
 from maskdiff.tokens import MODALITIES, Field, Record, Support, VocabSpec
 
@@ -198,20 +198,14 @@ def test_best_fit_packing_keeps_the_budget_and_places_every_record_once():
             assert 1 - used / total < 0.03  # padding
 
 
-def test_packer_holds_unfilled_batches_a_bounded_time_and_loses_nothing():
-    rng = np.random.default_rng(1)
-    packer = Packer(tokens=200)
-    items = [np.zeros(n) for n in rng.integers(3, 40, 2000)]
-    given, out, full = {}, [], []
-    for k, i in enumerate(range(0, len(items), 50)):
-        given.update({id(x): k for x in items[i : i + 50]})
-        for rows in packer(items[i : i + 50]):
-            assert len(rows) * max(len(x) for row in rows for x in row) <= 200
-            assert all(k - given[id(x)] <= MAX_HOLDS for row in rows for x in row)
-            out += [id(x) for row in rows for x in row]
-            full.append(is_full(rows, 200))
-    assert sorted(out + [id(x) for x in packer.held]) == sorted(id(x) for x in items)
-    assert np.mean(full) > 0.9
+def test_a_pool_asks_for_more_records_while_more_than_one_batch_is_not_full():
+    items = [np.zeros(n) for n in [100] * 5 + [40] * 3]  # rows of 100: 2 in a budget of 200; the 40s cannot start one
+    assert pack_pool(items, 200) is None  # three batches of 100s, then one of 40s: two are not full
+    batches = pack_pool(items, 200, final=True)
+    assert batches is not None and sorted(len(x) for b in batches for row in b for x in row) == sorted(len(x) for x in items)
+    more = items + [np.zeros(100)] + [np.zeros(40)] * 2
+    batches = pack_pool(more, 200)
+    assert batches is not None and sum(not is_full(b, 200) for b in batches) <= 1
 
 
 def test_loader_packs_within_the_budget_and_reads_each_record_once_per_epoch(tmp_path_factory):
@@ -229,7 +223,7 @@ def test_loader_packs_within_the_budget_and_reads_each_record_once_per_epoch(tmp
     ds.collate = lambda rows: rows  # look at the rows themselves
     train = {m: [r for r in ShardSet(sets[m].dirs) if not is_heldout(r, rc.data.heldout)] for m in ("text", "tabular")}
     seen: dict[str, list[str]] = {"text": [], "tabular": []}
-    slack = 120  # records of an unfilled batch wait up to MAX_HOLDS pools (of about 45 table rows here)
+    slack = 40  # the last pool of an epoch mixes with the next
     it, pad, positions = iter(ds), 0, 0
     while len(seen["tabular"]) < len(train["tabular"]) + slack:
         rows = next(it)

@@ -39,7 +39,7 @@ from .batch import Batch, collate_rows
 from .config import ConfigError, RunConfig
 from maskdiff.adapters import InputError
 
-from .packing import Packer, pack
+from .packing import EXTRA_BUDGETS, pack, pack_pool
 from .shards import MANIFEST, ShardError, ShardSet, load_manifest, write_shards
 from .tokens import MODALITIES, Record, VocabMismatchError, VocabSpec
 
@@ -198,26 +198,35 @@ class MixedBatches(IterableDataset):
             rank, world = self.sets[m].ranks()
             streams[m] = self.sets[m].stream(rank * nw + k, world * nw, starts[m])
         records_of = {m: (r for r in streams[m] if not is_heldout(r, self.heldout)) for m in self.mods}
-        packer = Packer(self.limits.tokens, self.limits.records) if self.pack else None
         while True:
             at_start = {"rng": rng.bit_generator.state, "seen": {m: list(v) for m, v in seen.items()},
                         "streams": {m: dict(streams[m].position) for m in self.mods}}
             records: list[Record] = []
-            tokens = 0
-            while not self.limits.full(len(records), tokens, self.bucket):
-                m = self.mods[rng.choice(len(self.mods), p=self._pick_probs(seen))]
-                rec = next(records_of[m])
-                records.append(rec)
-                tokens += len(rec)
-                seen[m][0] += 1
-                seen[m][1] += len(rec)
-            if self.bucket > 1:
-                records.sort(key=len)
-            chunks = packer(records) if packer is not None else self.limits.split(records)
+            tokens, budgets, chunks = 0, self.bucket, None
+            while chunks is None:  # packing: the pool grows while more than one of its batches is not full
+                while not self.limits.full(len(records), tokens, budgets):
+                    m = self.mods[rng.choice(len(self.mods), p=self._pick_probs(seen))]
+                    rec = next(records_of[m])
+                    records.append(rec)
+                    tokens += len(rec)
+                    seen[m][0] += 1
+                    seen[m][1] += len(rec)
+                if self.bucket > 1:
+                    records.sort(key=len)
+                chunks = self._cut(records, final=budgets >= self.bucket + EXTRA_BUDGETS)
+                budgets += 1
             for i, j in enumerate(rng.permutation(len(chunks))):
                 if i >= skip:
                     yield self.collate(chunks[j]), {**at_start, "yielded": i + 1}
             skip = 0
+
+    def _cut(self, records: list[Record], final: bool) -> list[list[Record]] | list[list[list[Record]]] | None:
+        """Micro-batches of the pool: records (:meth:`BatchLimits.split`), or rows of records when packing
+        (None: draw more, see :func:`maskdiff.packing.pack_pool`)."""
+        if not self.pack:
+            return self.limits.split(records)
+        assert self.limits.tokens is not None, "packing needs a token budget (data.batch_tokens)"
+        return pack_pool(records, self.limits.tokens, self.limits.records, final)
 
     def _pick_probs(self, seen: Mapping[str, list[int]]) -> np.ndarray:
         """Modality of the next record. With a token budget the mixing weights are shares of tokens:

@@ -18,11 +18,13 @@ end (:func:`maskdiff.batch.collate_rows`):
   nowhere, the batch's gaps are topped up with the shortest records left,
   then it closes;
 * every record of the pool lands in exactly one row of one batch;
-* a batch that is not full (a pool's last images, a few short proteins) is
-  not emitted: :class:`Packer` holds its records back into the next pool, at
-  most :data:`MAX_HOLDS` pools, so micro-batches are full and nearly free of
-  padding while each record is still read once per epoch (a few pools late
-  at worst).
+* a batch that is not full (the pool's last few images, a handful of short
+  proteins) would be a small step: while more than one batch of the pool is
+  not full, the loader draws another micro-batch's worth of records into the
+  pool and packs it again (:func:`pack_pool`, at most :data:`EXTRA_BUDGETS`
+  times), so micro-batches are full and nearly free of padding. The pool
+  stays a function of the stream's position at its start, so a resumed run
+  draws it again exactly (:class:`maskdiff.loader.BatchStream`).
 
 The model makes a packed row equivalent to separate rows (block-diagonal
 attention, positions restarting per record) and the ELBO draws time and mask
@@ -32,13 +34,13 @@ per record, so per-record nats do not depend on the packing.
 from __future__ import annotations
 
 from bisect import bisect_left, insort
-from typing import Generic, Sequence, Sized, TypeVar
+from typing import Sequence, Sized, TypeVar
 
 T = TypeVar("T")
 S = TypeVar("S", bound=Sized)
 
 NEW_ROW_FILL = 0.75  # a record starts a new row only if it fills this share of it (see pack_indices)
-MAX_HOLDS = 4  # pools a record may be held back while its batch is not full (see Packer)
+EXTRA_BUDGETS = 8  # micro-batch budgets a pool may grow by while more than one batch is not full (see pack_pool)
 
 
 def pack_indices(lengths: Sequence[int], tokens: int, records: int | None = None, new_row_fill: float = NEW_ROW_FILL) -> list[list[list[int]]]:
@@ -89,9 +91,10 @@ def pack_indices(lengths: Sequence[int], tokens: int, records: int | None = None
     return batches
 
 
-def pack(items: Sequence[T], lengths: Sequence[int], tokens: int, records: int | None = None) -> list[list[list[T]]]:
+def pack(items: Sequence[T], lengths: Sequence[int], tokens: int, records: int | None = None,
+         new_row_fill: float = NEW_ROW_FILL) -> list[list[list[T]]]:
     """:func:`pack_indices` applied to ``items`` (records, with their token ``lengths``)."""
-    return [[[items[i] for i in row] for row in batch] for batch in pack_indices(lengths, tokens, records)]
+    return [[[items[i] for i in row] for row in batch] for batch in pack_indices(lengths, tokens, records, new_row_fill)]
 
 
 def is_full(rows: Sequence[Sequence[Sized]], tokens: int, records: int | None = None) -> bool:
@@ -100,33 +103,18 @@ def is_full(rows: Sequence[Sequence[Sized]], tokens: int, records: int | None = 
     return len(rows) >= max(1, tokens // longest) or (records is not None and sum(map(len, rows)) >= records)
 
 
-class Packer(Generic[S]):
-    """Packs successive pools of records, holding back the records of a batch that is not full (:func:`is_full`)
-    into the next pool; a batch holding a record already held :data:`MAX_HOLDS` times is emitted as it is."""
-
-    def __init__(self, tokens: int | None, records: int | None = None):
-        if tokens is None:
-            raise ValueError("packing needs a token budget (data.batch_tokens)")
-        self.tokens, self.records = tokens, records
-        self.held: list[S] = []
-        self.holds: dict[int, int] = {}  # id of a held item -> pools it has waited
-
-    def __call__(self, items: Sequence[S]) -> list[list[list[S]]]:
-        """Micro-batches of rows of the held items and ``items`` (sized: ``len`` is the token count)."""
-        pool = [*self.held, *items]
-        batches = pack(pool, [len(x) for x in pool], self.tokens, self.records)
-        waited = self.holds
-        ready: list[list[list[S]]] = []
-        self.held = []
-        for rows in batches:
-            if is_full(rows, self.tokens, self.records) or any(waited.get(id(x), 0) >= MAX_HOLDS for row in rows for x in row):
-                ready.append(rows)
-            else:
-                self.held += [x for row in rows for x in row]
-        if not ready:  # nothing full yet: emit everything rather than stall
-            ready, self.held = batches, []
-        self.holds = {id(x): waited.get(id(x), 0) + 1 for x in self.held}
-        return ready
+def pack_pool(items: Sequence[S], tokens: int, records: int | None = None, final: bool = False) -> list[list[list[S]]] | None:
+    """Micro-batches of a pool of sized items (``len`` = tokens), or None while more than one batch is not full
+    (:func:`is_full`) and the pool is not ``final``: the caller then draws more records into the pool. In a
+    final pool the records of the unfilled batches are packed together once more, any record starting a row."""
+    batches = pack(items, [len(x) for x in items], tokens, records)
+    unfilled = [rows for rows in batches if not is_full(rows, tokens, records)]
+    if len(unfilled) <= 1:
+        return batches
+    if not final:
+        return None
+    rest = [x for rows in unfilled for row in rows for x in row]
+    return [rows for rows in batches if is_full(rows, tokens, records)] + pack(rest, [len(x) for x in rest], tokens, records, 0.0)
 
 
-__all__ = ["NEW_ROW_FILL", "Packer", "is_full", "pack", "pack_indices"]
+__all__ = ["EXTRA_BUDGETS", "NEW_ROW_FILL", "is_full", "pack", "pack_indices", "pack_pool"]
