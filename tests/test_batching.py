@@ -39,7 +39,7 @@ def test_mixed_batches_keep_the_budget_and_read_each_record_once_per_epoch(tmp_p
 
     shards = tiny_shard_root(tmp_path_factory)
     rc = to_run_config(load_config(TINY, [f"data.shard_root={shards}", "data.sources.text.weight=0", "data.batch_tokens=100",
-                                          "data.bucket=3"]))
+                                          "data.bucket=3", "data.pack=false"]))
     sets, spec = open_sources(rc, 0, 1, shuffle_buffer=rc.data.shuffle_buffer, seed=rc.seed, repeat=True)
     ds = train_dataset(rc, sets, spec, 0)
     ds.collate = lambda recs: recs  # look at the records themselves

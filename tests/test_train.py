@@ -118,11 +118,11 @@ def test_stream_resumes_at_a_saved_position(tmp_path_factory: pytest.TempPathFac
 
     shards = tiny_shard_root(tmp_path_factory)
     for workers in (0, 2):
-        full = batches(_loader(shards, 0, 1, f"data.workers={workers}")[0], workers)
+        full = batches(_loader(shards, 0, 1, f"data.workers={workers}", "data.pack=false")[0], workers)  # packed: test_packing.py
         head = [next(full) for _ in range(5)]
         position = json.loads(json.dumps(full.position()))  # as saved in a checkpoint
         head += [next(full) for _ in range(6)]
-        tail = batches(_loader(shards, 0, 1, f"data.workers={workers}", start=position)[0], workers)
+        tail = batches(_loader(shards, 0, 1, f"data.workers={workers}", "data.pack=false", start=position)[0], workers)
         for a in head[5:]:
             b = next(tail)
             assert torch.equal(a.tokens, b.tokens) and torch.equal(a.support_ids, b.support_ids)

@@ -9,8 +9,15 @@ times the data loader alone on the first config (the same mixed, shuffled,
 padded batches, in one process) and reports loader tokens/s divided by the
 one-process training tokens/s: above 1 the loader is not the bottleneck.
 
+``--packing`` instead compares unpacked and packed batches (``data.pack``)
+on the first config: the padding fraction of the loader's batches (padding
+positions / all positions) and the useful (ELBO) tokens/s of one-process
+training, each run ``--repeats`` times in turns, printed beside each other
+with their ratio, the thread count and the load average.
+
 example:
   python tools/bench_train.py --configs configs/text.yaml configs/joint.yaml --procs 1 2 --steps 30
+  python tools/bench_train.py --packing --configs configs/joint.yaml --steps 30
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import argparse
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -49,6 +57,56 @@ def train_once(config: str, procs: int, steps: int, run_dir: Path, overrides: li
     return json.loads((run_dir / "summary.json").read_text())
 
 
+def loader_padding(config: str, overrides: list[str], batches: int) -> tuple[float, float]:
+    """Padding positions / all positions of the first ``batches`` training batches, and their mean size in positions."""
+    from maskdiff.config import load_config, to_run_config
+    from maskdiff.loader import ensure_shards, open_sources, train_dataset
+
+    rc = to_run_config(load_config(config, overrides))
+    ensure_shards(rc)
+    sets, spec = open_sources(rc, 0, 1, shuffle_buffer=rc.data.shuffle_buffer, seed=rc.seed, repeat=True)
+    it = iter(train_dataset(rc, sets, spec, 0))
+    pad = positions = 0
+    for _ in range(batches):
+        b = next(it)
+        pad, positions = pad + int(b.pad.sum()), positions + b.pad.numel()
+    return pad / positions, positions / batches
+
+
+def packing_comparison(config: str, steps: int, repeats: int, batches: int, overrides: list[str]) -> dict:
+    """Unpacked against packed batches on one config: loader padding and one-process training tokens/s."""
+    import torch
+
+    threads = int(os.environ.get("OMP_NUM_THREADS") or torch.get_num_threads())
+    load = os.getloadavg()
+    print(f"packing on {config}: {steps} steps x {repeats} runs each, in turns; {threads} thread(s) of {os.cpu_count()} cores; "
+          f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}", flush=True)
+    modes = {"unpacked": ["data.pack=false"], "packed": ["data.pack=true"]}
+    out: dict = {"config": config, "steps": steps, "repeats": repeats, "threads": threads, "load_avg_before": load}
+    for name, extra in modes.items():
+        pad, size = loader_padding(config, overrides + extra, batches)
+        out[name] = {"padding": pad, "positions_per_batch": size, "tokens_per_s": []}
+    with tempfile.TemporaryDirectory(prefix="bench-pack-") as tmp:
+        for i in range(repeats):
+            for name, extra in modes.items():
+                s = train_once(config, 1, steps, Path(tmp) / f"{name}-{i}", overrides + extra)
+                out[name]["tokens_per_s"].append(s["tokens_per_s"])
+                print(f"  run {i + 1} {name:8s} {s['tokens_per_s']:10,.0f} useful tokens/s", flush=True)
+    for name in modes:
+        out[name]["median_tokens_per_s"] = statistics.median(out[name]["tokens_per_s"])
+    before, after = out["unpacked"], out["packed"]
+    out["tokens_per_s_ratio"] = after["median_tokens_per_s"] / before["median_tokens_per_s"]
+    out["load_avg_after"] = os.getloadavg()
+    print(f"{'':10s} {'padding':>8s} {'positions/batch':>16s} {'useful tokens/s':>16s}")
+    for name in modes:
+        r = out[name]
+        print(f"{name:10s} {r['padding']:8.2%} {r['positions_per_batch']:16,.0f} {r['median_tokens_per_s']:16,.0f}")
+    print(f"{'ratio':10s} {'':8s} {after['positions_per_batch'] / before['positions_per_batch']:15.2f}x "
+          f"{out['tokens_per_s_ratio']:15.2f}x   (padding over {batches} loader batches; tokens/s: median of {repeats} runs; "
+          f"load average now {out['load_avg_after'][0]:.2f})")
+    return out
+
+
 def loader_throughput(config: str, overrides: list[str], batches: int) -> float:
     """Valid tokens per second of the training batch stream alone (one process, no workers)."""
     from maskdiff.config import load_config, to_run_config
@@ -71,9 +129,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--procs", nargs="+", type=int, default=[1, 2])
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--loader-batches", type=int, default=300)
+    p.add_argument("--packing", action="store_true", help="only compare unpacked and packed batches on the first config")
+    p.add_argument("--repeats", type=int, default=2, help="--packing: training runs per mode, in turns")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
     args = p.parse_intermixed_args(argv)
+    if args.packing:
+        out = packing_comparison(args.configs[0], args.steps, args.repeats, args.loader_batches, args.overrides)
+        if args.json:
+            Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+        return 0
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         for config in args.configs:

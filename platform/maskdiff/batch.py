@@ -1,4 +1,10 @@
-"""Records to padded tensors: the one input format of the denoiser, losses and samplers."""
+"""Records to padded tensors: the one input format of the denoiser, losses and samplers.
+
+A row holds one record (:func:`collate`) or several laid end to end
+(:func:`collate_rows`, see :mod:`maskdiff.packing`); a packed batch carries
+segment ids and per-record positions, and every per-example quantity (the
+ELBO's time and mask draw, a dropped condition) is drawn per record.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +25,13 @@ class Batch:
     ``tokens`` holds global ids: clean ids, ``mask_id`` for a missing value and
     ``pad_id`` after the end of a record (the ids of ``VocabSpec``). ``valid`` marks the positions that
     count in the ELBO (neither padding nor missing).
+
+    Packed rows (several records per row) also carry ``segment_ids``, the
+    index of each position's record in the batch (records numbered row-major
+    from 0; a row's trailing padding takes the id of its last record), and
+    ``record_positions``, each position's index within its record (RoPE
+    restarts per record). Both are None when every row holds one record: then
+    the record of row b is record b and positions are the sequence index.
     """
 
     tokens: Tensor
@@ -28,47 +41,99 @@ class Batch:
     valid: Tensor
     pad: Tensor
     mask_id: int
+    segment_ids: Tensor | None = None
+    record_positions: Tensor | None = None
 
     TENSORS = ("tokens", "support_ids", "modality_ids", "positions", "valid", "pad")
+    PACKING = ("segment_ids", "record_positions")
 
     @property
     def shape(self) -> torch.Size:
         return self.tokens.shape
 
+    @property
+    def packed(self) -> bool:
+        return self.segment_ids is not None
+
+    @property
+    def num_records(self) -> int:
+        """Records in the batch: the rows, or one more than the last segment id (the last position's)."""
+        return self.shape[0] if self.segment_ids is None else int(self.segment_ids[-1, -1]) + 1
+
+    def record_ids(self) -> Tensor:
+        """(B, L) index of each position's record: ``segment_ids``, or the row."""
+        if self.segment_ids is not None:
+            return self.segment_ids
+        B, L = self.shape
+        return torch.arange(B, device=self.tokens.device).view(B, 1).expand(B, L)
+
+    def per_record_sum(self, values: Tensor) -> Tensor:
+        """(B, L) values summed over each record's positions: (num_records,)."""
+        if self.segment_ids is None:
+            return values.sum(-1)
+        out = torch.zeros(self.num_records, dtype=values.dtype, device=values.device)
+        return out.index_add(0, self.segment_ids.reshape(-1), values.reshape(-1))
+
     def to(self, device: torch.device | str) -> Batch:
-        return replace(self, **{k: getattr(self, k).to(device) for k in self.TENSORS})
+        return replace(self, **{k: v.to(device) for k in self.TENSORS + self.PACKING if (v := getattr(self, k)) is not None})
 
     def repeat(self, k: int) -> Batch:
-        """Each example k times, draw-major: rows [j*B:(j+1)*B] are draw j."""
-        return replace(self, **{name: getattr(self, name).repeat(k, 1) for name in self.TENSORS})
+        """Each example k times, draw-major: rows [j*B:(j+1)*B] are draw j (its records numbered j*N + r)."""
+        out = replace(self, **{name: getattr(self, name).repeat(k, 1) for name in self.TENSORS})
+        if self.segment_ids is None:
+            return out
+        shift = torch.arange(k, device=self.segment_ids.device).repeat_interleave(self.shape[0]).view(-1, 1) * self.num_records
+        return replace(out, segment_ids=self.segment_ids.repeat(k, 1) + shift, record_positions=self.record_positions.repeat(k, 1))
 
     def with_tokens(self, tokens: Tensor) -> Batch:
         return replace(self, tokens=tokens)
 
 
 def collate(records: Sequence[Record], spec: VocabSpec, length: int | None = None) -> Batch:
-    """Flatten each record's fields in order and right-pad to a common length."""
+    """Flatten each record's fields in order and right-pad to a common length (one record per row)."""
     if not records:
         raise ValueError("collate: no records")
-    rows = [_flatten(r, spec) for r in records]
-    longest = max(len(row[0]) for row in rows)
+    return collate_rows([[r] for r in records], spec, length)
+
+
+def collate_rows(rows: Sequence[Sequence[Record]], spec: VocabSpec, length: int | None = None) -> Batch:
+    """Lay each row's records end to end and right-pad the rows to a common length.
+
+    With a row of several records the batch is packed (segment ids and
+    per-record positions, see :class:`Batch`); with one record per row it is
+    the plain batch of :func:`collate`.
+    """
+    if not rows or not all(rows):
+        raise ValueError("collate: no records (or an empty row)")
+    flat = [[_flatten(r, spec) for r in row] for row in rows]
+    sizes = [[len(parts[0]) for parts in row] for row in flat]
+    longest = max(sum(row) for row in sizes)
     length = longest if length is None else length
     if longest > length:
-        raise ValueError(f"collate: a record has {longest} tokens, more than the length {length}")
+        raise ValueError(f"collate: a row has {longest} tokens, more than the length {length}")
     B = len(rows)
-    out = {
-        "tokens": np.full((B, length), spec.pad_id, np.int64),
-        "support_ids": np.zeros((B, length), np.int64),
-        "modality_ids": np.zeros((B, length), np.int64),
-        "positions": np.zeros((B, length), np.int64),
-    }
-    for b, row in enumerate(rows):
-        for key, values in zip(("tokens", "support_ids", "modality_ids", "positions"), row):
-            out[key][b, : len(values)] = values
+    keys = ("tokens", "support_ids", "modality_ids", "positions")
+    out = {k: np.zeros((B, length), np.int64) for k in keys}
+    out["tokens"][:] = spec.pad_id
+    packed = any(len(row) > 1 for row in rows)
+    segments, record_pos = np.zeros((B, length), np.int64), np.zeros((B, length), np.int64)
+    record = 0
+    for b, (row, row_sizes) in enumerate(zip(flat, sizes)):
+        start = 0
+        for parts, n in zip(row, row_sizes):
+            for key, values in zip(keys, parts):
+                out[key][b, start : start + n] = values
+            segments[b, start:] = record  # the row's trailing padding keeps its last record's id
+            record_pos[b, start:] = np.arange(length - start)
+            start += n
+            record += 1
     tensors = {k: torch.from_numpy(v) for k, v in out.items()}
     pad = tensors["tokens"] == spec.pad_id
     valid = ~pad & (tensors["tokens"] != spec.mask_id)
-    return Batch(**tensors, valid=valid, pad=pad, mask_id=spec.mask_id)
+    if not packed:
+        return Batch(**tensors, valid=valid, pad=pad, mask_id=spec.mask_id)
+    return Batch(**tensors, valid=valid, pad=pad, mask_id=spec.mask_id, segment_ids=torch.from_numpy(segments),
+                 record_positions=torch.from_numpy(record_pos))
 
 
 def _flatten(record: Record, spec: VocabSpec) -> tuple[np.ndarray, ...]:
@@ -86,6 +151,8 @@ def _flatten(record: Record, spec: VocabSpec) -> tuple[np.ndarray, ...]:
 
 def split(batch: Batch, records: Sequence[Record], spec: VocabSpec, tokens: Tensor | None = None) -> list[Record]:
     """Write (B, L) global ids back into copies of ``records`` (the inverse of :func:`collate`)."""
+    if batch.packed:
+        raise ValueError("split: the batch is packed; sampling and imputation take one record per row")
     tokens = batch.tokens if tokens is None else tokens
     out = []
     for b, record in enumerate(records):
@@ -101,7 +168,7 @@ def split(batch: Batch, records: Sequence[Record], spec: VocabSpec, tokens: Tens
 
 
 def drop_fields(batch: Batch, support_ids: Sequence[int], p: float, generator: torch.Generator | None = None) -> Batch:
-    """Condition on the listed fields, dropping each with prob ``p`` per example (classifier-free guidance).
+    """Condition on the listed fields, dropping each with prob ``p`` per record (classifier-free guidance).
 
     A conditioning field (a digit's label, a protein's evidence level) is given,
     not modelled: it is never masked and stays out of the ELBO, so the network
@@ -110,12 +177,11 @@ def drop_fields(batch: Batch, support_ids: Sequence[int], p: float, generator: t
     """
     if not support_ids:
         return batch
-    B = batch.shape[0]
     ids = torch.as_tensor(list(support_ids), dtype=torch.long, device=batch.tokens.device)
     is_condition = (batch.support_ids.unsqueeze(-1) == ids) & ~batch.pad.unsqueeze(-1)  # (B, L, fields)
-    coin = torch.rand((B, len(ids)), generator=generator, device=batch.tokens.device) < p  # (B, fields)
-    dropped = (is_condition & coin.unsqueeze(1)).any(-1)
+    coin = torch.rand((batch.num_records, len(ids)), generator=generator, device=batch.tokens.device) < p  # (records, fields)
+    dropped = (is_condition & coin[batch.record_ids()]).any(-1)
     return replace(batch, tokens=torch.where(dropped, batch.mask_id, batch.tokens), valid=batch.valid & ~is_condition.any(-1))
 
 
-__all__ = ["Batch", "collate", "drop_fields", "split"]
+__all__ = ["Batch", "collate", "collate_rows", "drop_fields", "split"]

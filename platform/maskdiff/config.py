@@ -60,6 +60,10 @@ class DataConfig:
     max_len: Optional[int] = None  # longest record allowed (tokens); null = no limit
     shuffle_buffer: int = 256  # records
     bucket: int = 4  # micro-batches whose records are sorted by length together (1 = off)
+    # Pack several records into each row (segment ids, block-diagonal attention, positions and ELBO
+    # time per record): the same per-record ELBO with almost no padding. Rows are as long as the
+    # batch's longest record; needs batch_tokens. See docs/training.md, "Packing".
+    pack: bool = True
     workers: int = 0  # DataLoader worker processes per rank
     heldout: float = 0.05  # fraction of records (by key hash) held out for evaluation
     bad_shards: str = "stop"  # a corrupt, truncated or unreachable shard: stop the run, or skip (and report) it
@@ -252,6 +256,7 @@ def validate(rc: RunConfig) -> None:
                              ("bucket", d.bucket, 1), ("workers", d.workers, 0)):
         _check(value is None or value >= low, f"data.{name}", f"must be >= {low}, got {value}")
     _check(d.max_len is None or d.max_len >= 1, "data.max_len", "must be >= 1 or null")
+    _check(not d.pack or d.batch_tokens is not None, "data.pack", "packing cuts rows from the token budget: set data.batch_tokens, or data.pack=false")
     _check(0.0 <= d.heldout < 1.0, "data.heldout", f"must be in [0, 1), got {d.heldout}")
     _check(d.bad_shards in ("stop", "skip"), "data.bad_shards", f"must be stop or skip, got {d.bad_shards!r}")
     for mod in rc.modalities:

@@ -21,6 +21,12 @@ K is the size of the position's support, from the vocabulary spec. Time is
 drawn once per example, stratified across the batch (antithetic). The GenMD4
 gradient with respect to w also flows through the draw of x_t; it is
 estimated with REINFORCE leave-one-out over ``draws >= 2`` masks per example.
+
+An example is a *record*: in a packed batch (several records per row, see
+:class:`~maskdiff.batch.Batch`) each record gets its own t, its positions
+take that t, its mask is drawn from it, and its nats, its log q(x_t) and its
+RLOO baseline are summed over its own positions (``Batch.per_record_sum``),
+so per-record nats do not depend on how records were laid out in rows.
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ from .tokens import MODALITIES, VocabSpec
 @dataclass
 class ELBOResult:
     loss: Tensor  # scalar to minimise: nats per valid token, with the RLOO surrogate's gradient
-    nelbo: Tensor  # (B,) negative ELBO in nats per example, averaged over draws, no surrogate
+    nelbo: Tensor  # (records,) negative ELBO in nats per record, averaged over draws, no surrogate
     position_nats: Tensor  # (B, L) detached, averaged over draws
     batch: Batch
 
@@ -59,7 +65,7 @@ class ELBOResult:
 
 
 def antithetic_times(batch_size: int, t_min: float, generator: torch.Generator | None = None, device=None) -> Tensor:
-    """t = t_min + (1 - t_min) * ((u + i/B) mod 1): one t per example, stratified."""
+    """t = t_min + (1 - t_min) * ((u + i/B) mod 1): one t per example (record), stratified."""
     u = torch.rand((), generator=generator, device=device)
     strata = (u + torch.arange(batch_size, device=device) / batch_size) % 1.0
     return t_min + (1.0 - t_min) * strata
@@ -75,12 +81,13 @@ def position_nats(
     spec: VocabSpec | None = None,
     impl: str = "auto",
 ) -> Tensor:
-    """Negative ELBO per position (B, L) for given times t (B,) and mask pattern.
+    """Negative ELBO per position (B, L) for given times t (records,) and mask pattern.
 
     Deterministic in (t, masked): Monte Carlo estimators average it over
     draws; tests can average it exactly by enumerating mask patterns.
     ``steps=None`` is the continuous-time ELBO, an integer T the T-step one.
-    The denoiser is evaluated at the masked positions only, over their supports.
+    The denoiser is evaluated at the masked positions only, over their supports;
+    each position takes its record's time.
     """
     spec = spec_of(denoiser, spec)
     valid, mods = batch.valid, batch.modality_ids
@@ -91,15 +98,15 @@ def position_nats(
     dtype = torch.promote_types(t.dtype, torch.float32)
     for g in groups:
         dtype = torch.promote_types(dtype, g.logits.dtype)
-    t = t.to(dtype)
     t_min = schedules.t_min
+    records = batch.record_ids()
+    t = t.to(dtype)[records]  # (B, L): each position's record's time
     s = (t - (1.0 - t_min) / steps).clamp(min=t_min) if steps is not None else None
 
     def at(fn: str, tt: Tensor) -> Tensor:
         return schedules.per_position(fn, tt, x0, mods)
 
-    ce, extra = _masked_terms(groups, spec, schedules, x0[masked], t.view(-1, 1).expand_as(x0)[masked],
-                              None if s is None else s.view(-1, 1).expand_as(x0)[masked], steps, dtype, impl)
+    ce, extra = _masked_terms(groups, spec, schedules, x0[masked], t[masked], None if s is None else s[masked], steps, dtype, impl)
     if steps is None:
         weight = (1.0 - t_min) * at("rate", t)
     else:  # r = (alpha_s - alpha_t) / (1 - alpha_t) = 1 - exp(log(1 - alpha_s) - log(1 - alpha_t))
@@ -161,18 +168,26 @@ def _support_w(sched: Schedule, g: SupportGroup) -> Tensor:
     return w[g.start : g.start + g.size]
 
 
-def draw_mask(batch: Batch, schedules: ModalitySchedules, t: Tensor, generator=None) -> tuple[Tensor, Tensor]:
-    """Forward process q(x_t | x0): mask each valid position with prob 1 - alpha_t[x0].
-
-    Returns the mask pattern and its log-probability per example (for REINFORCE).
-    """
+def _mask_prob(batch: Batch, schedules: ModalitySchedules, t: Tensor) -> Tensor:
+    """1 - alpha_t[x0] at every position (B, L), each with its record's t (records,)."""
     x0 = torch.where(batch.valid, batch.tokens, 0)
-    p_mask = schedules.per_position("mask_prob", t, x0, batch.modality_ids)
+    return schedules.per_position("mask_prob", t[batch.record_ids()], x0, batch.modality_ids)
+
+
+def draw_mask(batch: Batch, schedules: ModalitySchedules, t: Tensor, generator=None) -> Tensor:
+    """Forward process q(x_t | x0): mask each valid position with prob 1 - alpha_t[x0], t one per record."""
+    p_mask = _mask_prob(batch, schedules, t)
     u = torch.rand(batch.shape, generator=generator, device=batch.tokens.device, dtype=p_mask.dtype)
-    masked = batch.valid & (u < p_mask)
+    return batch.valid & (u < p_mask)
+
+
+def mask_log_prob(batch: Batch, schedules: ModalitySchedules, t: Tensor, masked: Tensor) -> Tensor:
+    """log q(x_t | x0) of a mask pattern per record (records,), differentiable in GenMD4's w (for REINFORCE)."""
+    p_mask = _mask_prob(batch, schedules, t)
+    masked = masked & batch.valid
     # each branch sees a safe input: the branch not taken must not send NaN into w's gradient (p_mask = 1 at t = 1)
     log_q = torch.where(masked, torch.log(torch.where(masked, p_mask, 1.0)), torch.log1p(-torch.where(masked, 0.0, p_mask)))
-    return masked, torch.where(batch.valid, log_q, 0.0).sum(-1)
+    return batch.per_record_sum(torch.where(batch.valid, log_q, 0.0))
 
 
 def elbo(
@@ -197,23 +212,42 @@ def elbo(
     picks the cross-entropy kernel (see :mod:`maskdiff.kernels`).
     """
     schedules.check_covers(batch.modality_ids, batch.valid)
-    B = batch.shape[0]
     if t is None:
-        t = antithetic_times(B, schedules.t_min, generator, batch.tokens.device)
+        t = antithetic_times(batch.num_records, schedules.t_min, generator, batch.tokens.device)
         if steps is not None:  # snap to the T-step grid t_i = t_min + (1 - t_min) i / T, i = 1..T
             i = torch.ceil((t - schedules.t_min) / (1.0 - schedules.t_min) * steps).clamp(1, steps)
             t = schedules.t_min + (1.0 - schedules.t_min) * i / steps
     rep = batch.repeat(draws) if draws > 1 else batch
-    t_rep = t.repeat(draws)
-    masked, log_q = draw_mask(rep, schedules, t_rep, generator)
+    masked = draw_mask(rep, schedules, t.repeat(draws), generator)
+    return elbo_of_masks(denoiser, batch, schedules, t, masked, draws=draws, steps=steps, spec=spec, impl=impl)
+
+
+def elbo_of_masks(
+    denoiser: AnyDenoiser,
+    batch: Batch,
+    schedules: ModalitySchedules,
+    t: Tensor,
+    masked: Tensor,
+    *,
+    draws: int = 1,
+    steps: int | None = None,
+    spec: VocabSpec | None = None,
+    impl: str = "auto",
+) -> ELBOResult:
+    """:func:`elbo` for given times t (records,) and masks (draws * B, L), draw-major as ``batch.repeat``."""
+    rep = batch.repeat(draws) if draws > 1 else batch
+    t_rep = t.repeat(draws)  # record r of draw j is record j * N + r of ``rep``
+    N = batch.num_records
     nats = position_nats(denoiser, rep, schedules, t_rep, masked, steps, spec, impl)
-    per_draw = nats.sum(-1).view(draws, B)
+    per_draw = rep.per_record_sum(nats).view(draws, N)
     nelbo = per_draw.mean(0)
     tokens = batch.valid.sum().clamp(min=1)
     loss = nelbo.sum() / tokens
     if schedules.state_dependent and draws >= 2 and torch.is_grad_enabled():
+        # RLOO: each record's draws at its one t; the baseline of draw k is the mean of the record's other draws
+        log_q = mask_log_prob(rep, schedules, t_rep, masked).view(draws, N)
         others = (per_draw.sum(0, keepdim=True) - per_draw) / (draws - 1)
         advantage = (per_draw - others).detach()
-        surrogate = (advantage * log_q.view(draws, B)).mean(0).sum() / tokens
+        surrogate = (advantage * log_q).mean(0).sum() / tokens
         loss = loss + (surrogate - surrogate.detach())
-    return ELBOResult(loss, nelbo.detach(), nats.detach().view(draws, B, -1).mean(0), batch)
+    return ELBOResult(loss, nelbo.detach(), nats.detach().view(draws, *batch.shape).mean(0), batch)

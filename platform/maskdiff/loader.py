@@ -13,7 +13,9 @@
   cuts them into micro-batches by a token budget (:class:`BatchLimits`) and
   collates them into right-padded :class:`~maskdiff.batch.Batch` objects
   (the denoiser's attention ignores padding keys), so records of different
-  lengths and modalities share a batch: many table rows, few images.
+  lengths and modalities share a batch: many table rows, few images. With
+  ``data.pack`` the sorted records are packed several to a row instead
+  (:mod:`maskdiff.packing`), for training and held-out batches alike.
 * Records are split into training and held-out sets by a hash of their id
   (and text window), stable across runs, ranks and epochs.
 * The stream is a deterministic function of (seed, rank, worker count) and
@@ -33,10 +35,11 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .batch import Batch, collate
+from .batch import Batch, collate_rows
 from .config import ConfigError, RunConfig
 from maskdiff.adapters import InputError
 
+from .packing import EXTRA_BUDGETS, pack, pack_pool
 from .shards import MANIFEST, ShardError, ShardSet, load_manifest, write_shards
 from .tokens import MODALITIES, Record, VocabMismatchError, VocabSpec
 
@@ -139,6 +142,12 @@ class BatchLimits:
             chunks.append(chunk)
         return chunks
 
+    def pack(self, records: Sequence[Record]) -> list[list[list[Record]]]:
+        """Micro-batches of rows, several records to a row, each batch within the limits (:mod:`maskdiff.packing`)."""
+        if self.tokens is None:
+            raise ValueError("packing needs a token budget (data.batch_tokens)")
+        return pack(records, [len(r) for r in records], self.tokens, self.records)
+
 
 class MixedBatches(IterableDataset):
     """Endless padded micro-batches of records mixed over modalities (see the module docstring).
@@ -148,7 +157,7 @@ class MixedBatches(IterableDataset):
 
     def __init__(self, sets: Mapping[str, ShardSet], weights: Mapping[str, float], spec: VocabSpec, *, limits: BatchLimits,
                  bucket: int = 1, max_len: int | None = None, heldout: float = 0.0, seed: int = 0, rank: int = 0,
-                 start: dict[str, Any] | None = None):
+                 start: dict[str, Any] | None = None, pack: bool = False):
         super().__init__()
         self.mods = [m for m in MODALITIES if m in sets and weights.get(m, 0) > 0]
         if not self.mods:
@@ -158,6 +167,7 @@ class MixedBatches(IterableDataset):
         self.spec, self.limits, self.bucket, self.max_len = spec, limits, bucket, max_len
         self.heldout, self.seed, self.rank, self.start = heldout, seed, rank, start
         self.with_positions = False  # set by BatchStream: yield (batch, position) pairs
+        self.pack = pack
         if not all(sets[m].repeat for m in self.mods):
             raise ValueError("MixedBatches needs endless sources (ShardSet(..., repeat=True))")
 
@@ -192,21 +202,31 @@ class MixedBatches(IterableDataset):
             at_start = {"rng": rng.bit_generator.state, "seen": {m: list(v) for m, v in seen.items()},
                         "streams": {m: dict(streams[m].position) for m in self.mods}}
             records: list[Record] = []
-            tokens = 0
-            while not self.limits.full(len(records), tokens, self.bucket):
-                m = self.mods[rng.choice(len(self.mods), p=self._pick_probs(seen))]
-                rec = next(records_of[m])
-                records.append(rec)
-                tokens += len(rec)
-                seen[m][0] += 1
-                seen[m][1] += len(rec)
-            if self.bucket > 1:
-                records.sort(key=len)
-            chunks = self.limits.split(records)
+            tokens, budgets, chunks = 0, self.bucket, None
+            while chunks is None:  # packing: the pool grows while more than one of its batches is not full
+                while not self.limits.full(len(records), tokens, budgets):
+                    m = self.mods[rng.choice(len(self.mods), p=self._pick_probs(seen))]
+                    rec = next(records_of[m])
+                    records.append(rec)
+                    tokens += len(rec)
+                    seen[m][0] += 1
+                    seen[m][1] += len(rec)
+                if self.bucket > 1:
+                    records.sort(key=len)
+                chunks = self._cut(records, final=budgets >= self.bucket + EXTRA_BUDGETS)
+                budgets += 1
             for i, j in enumerate(rng.permutation(len(chunks))):
                 if i >= skip:
                     yield self.collate(chunks[j]), {**at_start, "yielded": i + 1}
             skip = 0
+
+    def _cut(self, records: list[Record], final: bool) -> list[list[Record]] | list[list[list[Record]]] | None:
+        """Micro-batches of the pool: records (:meth:`BatchLimits.split`), or rows of records when packing
+        (None: draw more, see :func:`maskdiff.packing.pack_pool`)."""
+        if not self.pack:
+            return self.limits.split(records)
+        assert self.limits.tokens is not None, "packing needs a token budget (data.batch_tokens)"
+        return pack_pool(records, self.limits.tokens, self.limits.records, final)
 
     def _pick_probs(self, seen: Mapping[str, list[int]]) -> np.ndarray:
         """Modality of the next record. With a token budget the mixing weights are shares of tokens:
@@ -220,12 +240,14 @@ class MixedBatches(IterableDataset):
         p = self.probs * inv
         return p / p.sum()
 
-    def collate(self, records: list[Record]) -> Batch:
+    def collate(self, chunk: list[Record] | list[list[Record]]) -> Batch:
+        """A micro-batch of records, or of rows of records when packing."""
+        rows: list[list[Record]] = chunk if self.pack else [[r] for r in chunk]  # type: ignore[assignment, list-item]
         if self.max_len is not None:
-            for rec in records:
+            for rec in (r for row in rows for r in row):
                 if len(rec) > self.max_len:
                     raise ValueError(f"a {rec.meta.get('modality')} record ({rec.meta.get('id')}) has {len(rec)} tokens, more than data.max_len={self.max_len}")
-        return collate(records, self.spec)
+        return collate_rows(rows, self.spec)
 
 
 class PositionMismatch(ConfigError):
@@ -294,14 +316,15 @@ def heldout_batches(rc: RunConfig, spec: VocabSpec, rank: int, world_size: int, 
                 tokens += len(rec)
                 if limits.full(len(records), tokens, count):
                     break
-        out[mod] = [collate(chunk, spec) for chunk in limits.split(records)[:count]]
+        chunks = limits.pack(records) if rc.data.pack else [[[r] for r in chunk] for chunk in limits.split(records)]
+        out[mod] = [collate_rows(rows, spec) for rows in chunks[:count]]
     return out
 
 
 def train_dataset(rc: RunConfig, sets: Mapping[str, ShardSet], spec: VocabSpec, rank: int, start: dict[str, Any] | None = None) -> MixedBatches:
     d = rc.data
     return MixedBatches(sets, {m: d.sources[m].weight for m in rc.modalities}, spec, limits=BatchLimits.of(rc), bucket=d.bucket,
-                        max_len=d.max_len, heldout=d.heldout, seed=rc.seed, rank=rank, start=start)
+                        max_len=d.max_len, heldout=d.heldout, seed=rc.seed, rank=rank, start=start, pack=d.pack)
 
 
 __all__ = [

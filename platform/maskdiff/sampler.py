@@ -218,6 +218,8 @@ def sample(
     ``spec`` (default ``denoiser.spec``) gives each field's support. Every
     modality in the batch needs a schedule: one without would never unmask.
     """
+    if batch.packed:
+        raise ValueError("sample: the batch is packed; sampling takes one record per row (maskdiff.batch.collate)")
     opts = replace(opts or SamplerOptions(), **overrides)
     opts.check(schedules)
     schedules.check_covers(batch.modality_ids, ~batch.pad)

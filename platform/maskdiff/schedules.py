@@ -264,11 +264,11 @@ class ModalitySchedules(nn.Module):
     def per_position(self, fn: str, t: Tensor, values: Tensor, modality_ids: Tensor) -> Tensor:
         """``schedule.fn(t, values)`` of each position's own modality schedule.
 
-        ``t`` is (B,) or (B, 1); ``values`` and ``modality_ids`` are (B, L).
-        Positions of a modality without a schedule get NaN, so they cannot pass
-        unnoticed into a loss.
+        ``t`` is (B,) or (B, 1), or (B, L) (a time per position: packed records);
+        ``values`` and ``modality_ids`` are (B, L). Positions of a modality
+        without a schedule get NaN, so they cannot pass unnoticed into a loss.
         """
-        t = t.reshape(-1, 1)
+        t = t if t.dim() == values.dim() else t.reshape(-1, 1)
         out = torch.full(values.shape, float("nan"), dtype=t.dtype, device=values.device)
         for mid, sched in self.items():
             sel = modality_ids == mid
