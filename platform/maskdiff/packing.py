@@ -22,7 +22,8 @@ end (:func:`maskdiff.batch.collate_rows`):
   proteins) would be a small step: while more than one batch of the pool is
   not full, the loader draws another micro-batch's worth of records into the
   pool and packs it again (:func:`pack_pool`, at most :data:`EXTRA_BUDGETS`
-  times), so micro-batches are full and nearly free of padding. The pool
+  times; then the unfilled batches' records are packed together), so
+  micro-batches are full and nearly free of padding. The pool
   stays a function of the stream's position at its start, so a resumed run
   draws it again exactly (:class:`maskdiff.loader.BatchStream`).
 
