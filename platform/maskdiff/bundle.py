@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from maskdiff.adapters import Adapter, adapter_from_state
 
 from .config import ConfigError, RunConfig, load_config, save_config, to_run_config
-from .files import sha256_file
+from .files import sha256_file, write_atomic
 from .joint import JointModel
 from .tokens import VocabMismatchError, VocabSpec
 
@@ -115,9 +115,7 @@ def annotate(path: str | Path, key: str, value: Any) -> None:
     if key in CORE_KEYS:
         raise BundleError(f"{root / INFO}: '{key}' is written by the export and cannot be replaced")
     info[key] = value
-    tmp = root / f".{INFO}.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(info, indent=1, allow_nan=False) + "\n")
-    os.replace(tmp, root / INFO)
+    write_atomic(root / INFO, json.dumps(info, indent=1, allow_nan=False) + "\n")
 
 
 def _swap(stage: Path, out: Path) -> None:

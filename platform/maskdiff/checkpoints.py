@@ -12,7 +12,6 @@ code. A damaged newest checkpoint falls back to the previous complete one.
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import re
 import warnings
@@ -23,7 +22,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from .files import sha256_file
+from .files import sha256_file, write_atomic
 
 COMPLETE, LATEST = "complete.json", "latest"
 TAG = re.compile(r"^step(\d{8})$")
@@ -77,15 +76,6 @@ def use_safe_loader(engine: Any) -> None:
 
 
 # --- completeness and checksums -------------------------------------------------------------
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def seal(tag_dir: Path, step: int) -> None:

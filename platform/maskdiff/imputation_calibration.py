@@ -24,12 +24,12 @@ imputation) stay what the model samples.
 from __future__ import annotations
 
 import math
-from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from .imputation_quality import column_mean_or_mode
 from .tables import Table
 
 BUNDLE_KEY = "imputation_calibration"
@@ -96,14 +96,13 @@ def fit_calibration(truth: Table, train: Table, cells: Sequence[Cell], guesses: 
         name = truth.columns[c]
         if len(col_cells) < MIN_TO_CALIBRATE or name not in kinds:
             continue
-        observed = [row[c] for row in train.values if row[c] is not None]
         y = [truth.values[r][c] for r, _ in col_cells]
         g = [guesses[cell] for cell in col_cells]
+        base = column_mean_or_mode(train, c, kinds[name])
         if kinds[name] == "numeric":
-            out[name] = _numeric(np.array(y, dtype=np.float64), np.array(g, dtype=np.float64),
-                                 float(np.mean(np.array(observed, dtype=np.float64))), integer.get(name, False))
+            out[name] = _numeric(np.array(y, dtype=np.float64), np.array(g, dtype=np.float64), base, integer.get(name, False))
         else:
-            out[name] = _categorical([str(v) for v in y], [str(v) for v in g], Counter(map(str, observed)).most_common(1)[0][0])
+            out[name] = _categorical([str(v) for v in y], [str(v) for v in g], base)
     return out
 
 

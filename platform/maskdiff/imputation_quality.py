@@ -69,12 +69,13 @@ def score(truth: Table, cells: Sequence[tuple[int, int]], guesses: dict[tuple[in
 
 def mode_mean_baseline(train: Table, cells: Sequence[tuple[int, int]], kinds: dict[str, str]) -> dict[tuple[int, int], Any]:
     """Each hidden cell guessed as its column's most frequent value (categorical) or mean (numeric) in ``train``."""
-    guess: dict[int, Any] = {}
-    for c in {c for _, c in cells}:
-        name = train.columns[c]
-        observed = [row[c] for row in train.values if row[c] is not None]
-        if kinds[name] == "numeric":
-            guess[c] = float(np.mean([float(v) for v in observed]))
-        else:
-            guess[c] = Counter(map(str, observed)).most_common(1)[0][0]
+    guess = {c: column_mean_or_mode(train, c, kinds[train.columns[c]]) for c in {c for _, c in cells}}
     return {cell: guess[cell[1]] for cell in cells}
+
+
+def column_mean_or_mode(table: Table, c: int, kind: str) -> Any:
+    """Column ``c``'s mean over its observed cells (numeric), or its most frequent value as text."""
+    observed = [row[c] for row in table.values if row[c] is not None]
+    if kind == "numeric":
+        return float(np.mean([float(v) for v in observed]))
+    return Counter(map(str, observed)).most_common(1)[0][0]
