@@ -25,8 +25,6 @@ demo: $(STAMP)
 # BENCH_ARGS=--quick for a short run; figures also go to outputs/bench.json
 bench: $(STAMP)
 	$(PY) tools/bench.py $(BENCH_ARGS)
-	$(PY) tools/bench_shard.py
-	$(PY) tools/bench_train.py
 
 clean:
 	rm -rf outputs runs .pytest_cache

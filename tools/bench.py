@@ -21,6 +21,16 @@ Sections (the baseline in brackets):
           reverse step (needs a GPU; on a CPU Triton only runs interpreted)
 * mfu     bf16 model FLOP utilisation of a 12-layer, 768-wide model at
           sequence length 1024, against the card's bf16 peak (needs a GPU)
+* trainer tools/train.py end to end (DeepSpeed engine, loader, metrics) on
+          configs/text.yaml at 2 layers/d=128: training tokens/s [a plain
+          loop: the same model, optimiser and batches, in this process]; the
+          loader alone: tokens/s [the training rate it has to feed]
+* shard   tools/shard.py's write path (fit, encode, tar, sha256, manifest)
+          on the shipped protein and table samples: records/s [parsing the
+          input alone]
+
+bench_shard.py (streaming, sizes, --workers, resume) and bench_train.py
+(processes, packing) hold the data-path benchmarks in more detail.
 
 Prints a table and writes JSON. Thread policy: OMP_WAIT_POLICY=PASSIVE is set
 before torch starts (spinning OpenMP threads collapse when another process
@@ -59,7 +69,7 @@ from maskdiff.tokens import MODALITIES, Field, Record, Support, VocabSpec  # noq
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT, TABULAR = MODALITIES.index("text"), MODALITIES.index("tabular")
-SECTIONS = ("train", "eval", "table", "sample", "impute", "kernels", "mfu")
+SECTIONS = ("train", "eval", "table", "sample", "impute", "kernels", "mfu", "trainer", "shard")
 
 
 @dataclass
@@ -367,9 +377,63 @@ def bench_mfu(quick: bool) -> list[Row]:
     ]
 
 
+def bench_trainer(quick: bool) -> list[Row]:
+    """tools/train.py end to end against a plain loop over the same model, optimiser and batches."""
+    import tempfile
+
+    import bench_train  # a sibling in tools/ (on sys.path when this file runs)
+
+    from maskdiff.config import load_config, to_run_config
+    from maskdiff.joint import JointModel
+    from maskdiff.loader import ensure_shards, open_sources, train_dataset
+
+    config, steps = "configs/text.yaml", 10 if quick else 30
+    overrides = ["model.depth=2", "model.dim=128", "model.heads=4"]
+    with tempfile.TemporaryDirectory(prefix="bench-trainer-") as tmp:
+        tool = bench_train.train_once(config, 1, steps, Path(tmp) / "run", overrides)["tokens_per_s"]
+    rc = to_run_config(load_config(str(ROOT / config), overrides))
+    ensure_shards(rc)
+    sets, spec = open_sources(rc, 0, 1, shuffle_buffer=rc.data.shuffle_buffer, seed=rc.seed, repeat=True)
+    it = iter(train_dataset(rc, sets, spec, 0))
+    batches = [next(it) for _ in range(steps)]
+    torch.manual_seed(rc.seed)
+    model = JointModel(spec, rc)
+    opt = torch.optim.AdamW(model.parameters(), lr=rc.optim.lr, weight_decay=rc.optim.weight_decay)
+    gen = torch.Generator().manual_seed(0)
+
+    def step(batch: Batch) -> int:
+        result = model(batch, generator=gen)
+        opt.zero_grad()
+        result.loss.backward()
+        opt.step()
+        return sum(n for _, n in result.per_modality().values())
+
+    step(batches[0])  # warm-up, untimed
+    start = time.perf_counter()
+    tokens = sum(step(batch) for batch in batches[1:])
+    plain = tokens / (time.perf_counter() - start)
+    loader = bench_train.loader_throughput(str(ROOT / config), overrides, 20 if quick else 100)
+    tag = f"text.yaml 2L d128, {steps} steps"
+    return [Row(f"tools/train.py tokens/s ({tag})", tool, "tok/s", plain, "plain loop", note="target: within 10%"),
+            Row("loader tokens/s (the same batches, one process)", loader, "tok/s", tool, "train.py's rate")]
+
+
+def bench_shard(quick: bool) -> list[Row]:
+    """tools/shard.py's write path on the shipped samples against parsing their input alone."""
+    import bench_shard  # a sibling in tools/
+
+    out = []
+    for modality in ("protein", "tabular"):
+        paths, options = bench_shard.SAMPLES[modality]
+        r = bench_shard.bench(modality, [ROOT / p for p in paths], options, 1 if quick else 3)
+        out.append(Row(f"shard.py records/s ({modality}, {r['records']:,} records)", r["records"] / r["shard_s"], "rec/s",
+                       r["records"] / r["parse_s"], "parse only"))
+    return out
+
+
 BENCHES: dict[str, Callable[[bool], list[Row]]] = {
     "train": bench_train, "eval": bench_eval, "table": bench_table, "sample": bench_sample, "impute": bench_impute, "kernels": bench_kernels,
-    "mfu": bench_mfu,
+    "mfu": bench_mfu, "trainer": bench_trainer, "shard": bench_shard,
 }
 
 
@@ -395,6 +459,7 @@ def main() -> None:
         sys.exit(f"bench.py: unknown section(s) {sorted(unknown)}; expected some of {SECTIONS}")
     threads = pick_threads(args.threads)
     torch.set_num_threads(threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # the same for the training processes this starts
     load = os.getloadavg()
     env = {"torch": torch.__version__, "threads": threads, "cores": os.cpu_count(), "load_avg_1_5_15": load,
            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "quick": args.quick,

@@ -204,9 +204,9 @@ def _pick_cells(heads: ColumnHeads, groups: Sequence[SupportGroup], masked: Tens
             continue
         if best:
             tokens = p.argmax(-1)
-            if heads.numeric[j]:  # posterior mean over bins, each bin at the mean of its fitted values
-                means = (p @ heads.bin_means[j].to(p.device)).tolist()  # type: ignore[union-attr]
-                vals: list[Any] = [int(round(m)) if heads.vocabs[j].integer else float(m) for m in means]
+            if heads.numeric[j]:  # posterior mean over bins, each bin at the mean of its fitted values; not
+                # rounded in integer columns (the least-squares guess; a Parquet integer column rounds on writing)
+                vals: list[Any] = [float(m) for m in (p @ heads.bin_means[j].to(p.device)).tolist()]  # type: ignore[union-attr]
             else:
                 vals = [heads.vocabs[j].decode(int(t)) for t in tokens]
         else:

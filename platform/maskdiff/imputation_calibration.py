@@ -16,6 +16,14 @@ their rows, and per column compares its guesses with the truth
 * categorical: the column mode replaces the model's guess when the mode was
   right more often on the validation cells.
 
+The mean and mode are those of all the user's observed cells (the validation
+cells included), so ``lam = 0`` is exactly what the user's own mean imputer
+would write. A stricter rule that keeps the model only when it beats the mean
+by more than the noise of the validation cells (a leave-one-out test) was
+tried and dropped: on a 178-row table, with 20 cells a column, it fell back
+to the mean on columns where the shrunk guess was 7-14% better on held-out
+cells.
+
 The calibration is stored in the bundle (``bundle.json``, key
 :data:`BUNDLE_KEY`) and applied to best guesses only; draws (multiple
 imputation) stay what the model samples.
@@ -24,7 +32,7 @@ imputation) stay what the model samples.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -49,13 +57,11 @@ class ColumnCalibration:
     baseline: float  # the same for the column mean / mode
     shrink: float = 1.0  # numeric: weight of the model's guess against the mean
     mean: float = 0.0
-    integer: bool = False
     mode: str | None = None  # categorical: set when the mode replaces the model's guess
 
     def apply(self, value: Any) -> Any:
         if self.kind == "numeric":
-            v = self.mean + self.shrink * (float(value) - self.mean)
-            return int(round(v)) if self.integer else v
+            return self.mean + self.shrink * (float(value) - self.mean)
         return value if self.mode is None else self.mode
 
     def describe(self, column: str) -> str:
@@ -80,12 +86,13 @@ def validation_cells(table: Table, columns: Sequence[str], rng: np.random.Genera
     return sorted(chosen)
 
 
-def fit_calibration(truth: Table, train: Table, cells: Sequence[Cell], guesses: Mapping[Cell, Any],
-                    kinds: Mapping[str, str], integer: Mapping[str, bool]) -> dict[str, ColumnCalibration]:
+def fit_calibration(truth: Table, cells: Sequence[Cell], guesses: Mapping[Cell, Any],
+                    kinds: Mapping[str, str]) -> dict[str, ColumnCalibration]:
     """Per learned column with enough validation ``cells``: the correction of the model's ``guesses``.
 
-    ``train`` is the table the model learned from (the validation cells empty):
-    the column mean and mode come from it, as they would for a user.
+    ``truth`` holds every observed cell of the user's table, the validation
+    cells included: the column mean and mode come from it, as they would for
+    the user's own mean/mode imputer.
     """
     by_column: dict[int, list[Cell]] = {}
     for cell in cells:
@@ -98,20 +105,20 @@ def fit_calibration(truth: Table, train: Table, cells: Sequence[Cell], guesses: 
             continue
         y = [truth.values[r][c] for r, _ in col_cells]
         g = [guesses[cell] for cell in col_cells]
-        base = column_mean_or_mode(train, c, kinds[name])
+        base = column_mean_or_mode(truth, c, kinds[name])
         if kinds[name] == "numeric":
-            out[name] = _numeric(np.array(y, dtype=np.float64), np.array(g, dtype=np.float64), base, integer.get(name, False))
+            out[name] = _numeric(np.array(y, dtype=np.float64), np.array(g, dtype=np.float64), base)
         else:
             out[name] = _categorical([str(v) for v in y], [str(v) for v in g], base)
     return out
 
 
-def _numeric(y: np.ndarray, g: np.ndarray, mu: float, integer: bool) -> ColumnCalibration:
+def _numeric(y: np.ndarray, g: np.ndarray, mu: float) -> ColumnCalibration:
     d = g - mu
     denom = float(d @ d)
     lam = 1.0 if denom == 0 else min(1.0, max(0.0, float(d @ (y - mu)) / denom))
     rmse = lambda pred: float(np.sqrt(np.mean((pred - y) ** 2)))  # noqa: E731
-    return ColumnCalibration("numeric", len(y), rmse(g), rmse(np.full_like(y, mu)), shrink=round(lam, 6), mean=mu, integer=integer)
+    return ColumnCalibration("numeric", len(y), rmse(g), rmse(np.full_like(y, mu)), shrink=round(lam, 6), mean=mu)
 
 
 def _categorical(y: list[str], g: list[str], mode: str) -> ColumnCalibration:
@@ -126,7 +133,8 @@ def to_json(calibration: Mapping[str, ColumnCalibration]) -> dict[str, dict[str,
 
 def from_info(info: Mapping[str, Any]) -> dict[str, ColumnCalibration]:
     """The calibration stored in a bundle's ``bundle.json`` (empty when it has none)."""
-    return {name: ColumnCalibration(**entry) for name, entry in (info.get(BUNDLE_KEY) or {}).items()}
+    known = {f.name for f in fields(ColumnCalibration)}  # older bundles stored an `integer` flag: ignored
+    return {name: ColumnCalibration(**{k: v for k, v in entry.items() if k in known}) for name, entry in (info.get(BUNDLE_KEY) or {}).items()}
 
 
 def calibrated(guesses: Mapping[Cell, Any], columns: Sequence[str], calibration: Mapping[str, ColumnCalibration]) -> dict[Cell, Any]:

@@ -181,8 +181,7 @@ def calibrate(bundle_path: Path, truth: Table, learn_from: Table, held: Sequence
     filled = impute(bundle, Table(learn_from.columns, [learn_from.values[r] for r in rows], "frame"), calibrate=False).draws[0]
     guesses = {(r, c): filled[(at[r], c)] for r, c in held}
     kinds = {c: adapter.kind(c) for c in adapter.columns}
-    integer = {c: bool(getattr(adapter.columns[c], "integer", False)) for c in adapter.columns}
-    calibration = fit_calibration(truth, learn_from, held, guesses, kinds, integer)
+    calibration = fit_calibration(truth, held, guesses, kinds)
     annotate(bundle_path, BUNDLE_KEY, to_json(calibration))
     for name, cal in calibration.items():
         log(cal.describe(name))
