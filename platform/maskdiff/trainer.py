@@ -9,7 +9,8 @@ A run directory holds ``config.yaml`` (the resolved configuration),
 ``metrics.jsonl`` (one JSON object per log / evaluation), ``checkpoints/``
 (DeepSpeed checkpoints; each tag also holds one ``rank<r>.pt`` per process
 with its RNG states and data position), ``bundle/`` (the inference bundle,
-see :mod:`maskdiff.bundle`), ``summary.json`` and ``plots/``.
+see :mod:`maskdiff.bundle`), ``summary.json``, ``plots/`` and ``tensorboard/``
+(the metrics as TensorBoard event files, unless ``train.tensorboard=false``).
 
 A resumed run restores model, optimizer, LR schedule, RNG states and the data
 position (the stream seeks to it: shard, window and record per process and
@@ -53,6 +54,7 @@ from .config import ConfigError, RunConfig, save_config, to_run_config
 from .joint import JointModel
 from .loader import PositionMismatch, batches, ensure_shards, heldout_batches, is_heldout, open_sources, train_dataset
 from .shards import ShardSet, field_lengths
+from .tensorboard_log import TENSORBOARD, TensorBoardLog
 from .tokens import MODALITIES, VocabSpec
 
 CHECKPOINTS, METRICS, CONFIG, SUMMARY, LOCK = "checkpoints", "metrics.jsonl", "config.yaml", "summary.json", ".lock"
@@ -265,18 +267,27 @@ def _max_over_ranks(value: float, device: torch.device) -> float:
 
 
 class MetricsLog:
-    """``metrics.jsonl`` writer (rank 0); on resume, drops lines past the resumed step."""
+    """``metrics.jsonl`` writer (rank 0), and the same scalars as TensorBoard events under ``tensorboard``
+    when given; on resume, both drop what lies past the resumed step."""
 
-    def __init__(self, path: Path, enabled: bool, resume_step: int | None):
+    def __init__(self, path: Path, enabled: bool, resume_step: int | None, tensorboard: Path | None = None):
         self.path, self.enabled = path, enabled
         if enabled and resume_step is not None and path.exists():
             kept = [line for line in path.read_text().splitlines() if line.strip() and _metric_step(path, line) <= resume_step]
             path.write_text("".join(line + "\n" for line in kept))
+        self.events = TensorBoardLog(tensorboard, resume_step) if enabled and tensorboard is not None else None
 
     def write(self, record: dict[str, Any]) -> None:
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            if self.events is not None:
+                self.events.write(record)
+
+    def close(self) -> None:
+        if self.events is not None:
+            self.events.close()
+            self.events = None
 
 
 def _metric_step(path: Path, line: str) -> int:
@@ -483,6 +494,8 @@ class Trainer:
 
     def abandon(self) -> None:
         """After a failure: remove a run directory this start created and never trained in; release the lock."""
+        if getattr(self, "metrics", None) is not None:
+            self.metrics.close()
         if self.is_main and self.created and not self.started and self.lock.fd >= 0:
             shutil.rmtree(self.run_dir, ignore_errors=True)
         self.lock.release()
@@ -646,7 +659,8 @@ class Trainer:
         self.data_start: dict[str, Any] | None = None
         start = self.load_checkpoint() if self.resume else 0
         stop = min(t.steps, until) if until is not None else t.steps
-        metrics = MetricsLog(self.run_dir / METRICS, self.is_main, start if self.resume else None)
+        self.metrics = metrics = MetricsLog(self.run_dir / METRICS, self.is_main, start if self.resume else None,
+                                            self.run_dir / TENSORBOARD if t.tensorboard else None)
         n_params = sum(p.numel() for p in self.model.parameters())
         self.log(f"{'resuming' if self.resume else 'training'} {rc.name}: {n_params / 1e6:.2f}M parameters, modalities "
                  f"{', '.join(rc.modalities)}, {self.world} process(es) on {self.device.type}, ZeRO {rc.deepspeed.zero_stage}, "
@@ -703,6 +717,7 @@ class Trainer:
                 break
         if bar is not None:
             bar.close()
+        metrics.close()
         finished = stop == t.steps or out_of_time
         if out_of_time:
             self.log(f"train.minutes={t.minutes:g} spent: stopping at step {stop} of {t.steps}")
