@@ -21,6 +21,8 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from .progress import add_progress_flags
+
 USER_ERROR, INTERRUPTED = 2, 130
 
 
@@ -134,15 +136,7 @@ def add_sampling(p: argparse.ArgumentParser, steps: int = 64, batch_size: int = 
 
 def add_output(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    bar = p.add_mutually_exclusive_group()
-    bar.add_argument("--progress", dest="progress", action="store_true", default=None, help="show progress bars (default: on a terminal)")
-    bar.add_argument("--no-progress", dest="progress", action="store_false")
-
-
-def show_progress(flag: bool | None) -> bool:
-    if flag is not None:
-        return flag
-    return sys.stderr.isatty() and not os.environ.get("CI")
+    add_progress_flags(p)
 
 
 def check_outputs(paths: Sequence[str | Path], overwrite: bool) -> None:
@@ -263,5 +257,5 @@ def generator(seed: int, device: str = "cpu") -> torch.Generator:
 
 __all__ = [
     "USER_ERROR", "UserError", "add_model", "add_output", "add_sampling", "atomic_path", "check_outputs", "generator",
-    "batch_bytes", "check_args", "check_count", "check_device", "check_fill_memory", "check_memory", "one_line", "open_bundle", "parser", "run", "show_progress", "user_errors", "write_text",
+    "batch_bytes", "check_args", "check_count", "check_device", "check_fill_memory", "check_memory", "one_line", "open_bundle", "parser", "run", "user_errors", "write_text",
 ]

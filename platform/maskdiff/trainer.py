@@ -53,6 +53,7 @@ from .checkpoints import CheckpointError, Choice, choose, safe_load, seal, step_
 from .config import ConfigError, RunConfig, save_config, to_run_config
 from .joint import JointModel
 from .loader import PositionMismatch, batches, ensure_shards, heldout_batches, is_heldout, open_sources, train_dataset
+from .progress import progress_enabled
 from .shards import ShardSet, field_lengths
 from .tensorboard_log import TENSORBOARD, TensorBoardLog
 from .tokens import MODALITIES, VocabSpec
@@ -421,9 +422,7 @@ class Trainer:
         except BaseException:
             self.abandon()
             raise
-        if progress is None:
-            progress = sys.stderr.isatty() and not os.environ.get("CI")
-        self.progress = progress and self.is_main
+        self.progress = progress_enabled(progress) and self.is_main
 
     def log(self, msg: str) -> None:
         if self.is_main:

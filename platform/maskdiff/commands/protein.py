@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 
 from maskdiff import cli
+from maskdiff.progress import progress_enabled
 
 
 def build_parser():
@@ -110,7 +111,7 @@ def run(args) -> int:
     supports = [bundle.spec.support_id(f"protein/{k}") for k in given] if args.guidance > 0 else []
     cli.check_fill_memory(bundle, records, args.batch_size, args.device)
     filled = fill(bundle, records, sampler_options(args, supports), cli.generator(args.seed, args.device), batch_size=args.batch_size,
-                  device=args.device, progress=cli.show_progress(args.progress))
+                  device=args.device, progress=progress_enabled(args.progress))
     entries = []
     for i, rec in enumerate(filled.records, 1):
         d = adapter.decode(rec)

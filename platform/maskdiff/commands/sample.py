@@ -28,6 +28,7 @@ import sys
 from pathlib import Path
 
 from maskdiff import cli
+from maskdiff.progress import progress_enabled
 
 
 def build_parser():
@@ -74,7 +75,7 @@ def run(args) -> int:
     opts = sampler_options(args, supports)
     cli.check_fill_memory(bundle, records, args.batch_size, args.device)
     filled = fill(bundle, records, opts, cli.generator(args.seed, args.device), batch_size=args.batch_size, device=args.device,
-                  progress=cli.show_progress(args.progress))
+                  progress=progress_enabled(args.progress))
     decoded = [adapter.decode(r) for r in filled.records]
     images = np.stack([d["image"] for d in decoded])
     nrow = args.nrow or (args.num // len(args.label) if args.label and args.num % len(args.label) == 0 and args.num > len(args.label) else None)
