@@ -49,6 +49,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from .batch import Batch, drop_fields
+from .bits import bits_per_token
 from .checkpoints import CheckpointError, Choice, choose, safe_load, seal, step_of, tag_for, use_safe_loader, write_latest
 from .config import ConfigError, RunConfig, save_config, to_run_config
 from .joint import JointModel
@@ -59,7 +60,6 @@ from .tensorboard_log import TENSORBOARD, TensorBoardLog
 from .tokens import MODALITIES, VocabSpec
 
 CHECKPOINTS, METRICS, CONFIG, SUMMARY, LOCK = "checkpoints", "metrics.jsonl", "config.yaml", "summary.json", ".lock"
-LN2 = math.log(2)
 MAX_SKIPPED_IN_A_ROW = 10  # non-finite steps in a row that stop a run
 
 
@@ -246,7 +246,7 @@ class Tally:
         return sum(self.tokens.values())
 
     def bits_per_token(self) -> dict[str, float]:
-        return {m: self.nats[m] / (self.tokens[m] * LN2) for m in MODALITIES if self.tokens.get(m)}
+        return {m: bits_per_token(self.nats[m], self.tokens[m]) for m in MODALITIES if self.tokens.get(m)}
 
     def nats_per_token(self) -> float:
         return sum(self.nats.values()) / max(1, self.total_tokens)
