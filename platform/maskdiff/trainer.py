@@ -301,10 +301,6 @@ def _metric_step(path: Path, line: str) -> int:
     raise ConfigError(f"{path}: a line is not a metrics record ({line[:60]!r}); repair or remove it to resume")
 
 
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
 # --- the run -----------------------------------------------------------------------------------
 
 
@@ -782,4 +778,4 @@ def train(cfg: DictConfig, *, resume: bool = False, overwrite: bool = False, unt
     return result
 
 
-__all__ = ["MetricsLog", "RunResult", "Tally", "Trainer", "deepspeed_config", "init_distributed", "lr_lambda", "make_optimizer", "read_metrics", "train"]
+__all__ = ["MetricsLog", "RunResult", "Tally", "Trainer", "deepspeed_config", "init_distributed", "lr_lambda", "make_optimizer", "train"]
