@@ -20,14 +20,11 @@ from typing import Any, Dict, List, Optional, Sequence
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .errors import ConfigError
 from .tokens import MODALITIES
 
 SCHEDULE_KINDS = re.compile(r"^(linear|cosine|geometric|genmd4|poly\d+(\.\d+)?)$")
 LR_DECAYS = ("cosine", "linear", "constant")
-
-
-class ConfigError(ValueError):
-    """A user error in the run configuration; the message names the key."""
 
 
 @dataclass

@@ -19,7 +19,7 @@ import torch
 
 from .batch import collate
 from .bits import bits_per_token, mean_bits_and_stderr
-from .cli import UserError
+from .errors import UserError
 from .elbo import elbo
 from .tokens import MODALITIES, Record, VocabMismatchError, VocabSpec
 

@@ -50,7 +50,7 @@ def build_parser():
 def run(args) -> int:
     import numpy as np
 
-    from maskdiff.generation import fill, sampler_options
+    from maskdiff.generation import fill
     from maskdiff.images import image_records, keep_mask, load_image, save_arrays, save_grid
 
     if args.num < 1:
@@ -72,7 +72,7 @@ def run(args) -> int:
         labels = [v for v in labels for _ in range(args.num // len(labels))]  # one block (grid row) per class
     records = image_records(adapter, args.num, labels, image, keep)
     supports = [bundle.spec.support_id("pixels/label")] if args.guidance > 0 and args.label else []
-    opts = sampler_options(args, supports)
+    opts = cli.sampler_options(args, supports)
     cli.check_fill_memory(bundle, records, args.batch_size, args.device)
     filled = fill(bundle, records, opts, cli.generator(args.seed, args.device), batch_size=args.batch_size, device=args.device,
                   progress=progress_enabled(args.progress))
