@@ -56,6 +56,16 @@ def test_bad_values_name_the_key(overrides: list[str], key: str) -> None:
         load_config(TINY, overrides)
 
 
+def test_tensorboard_without_its_package_names_the_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else find_spec(name, *a))
+    with pytest.raises(ConfigError, match="'train.tensorboard': needs the tensorboard package .*train.tensorboard=false"):
+        load_config(TINY)
+    assert not to_run_config(load_config(TINY, ["train.tensorboard=false"])).train.tensorboard
+
+
 def test_unknown_key_in_yaml(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text(TINY.read_text().replace("heldout: 0.1", "heldout: 0.1\n  held_out: 0.2"))

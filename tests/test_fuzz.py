@@ -217,7 +217,7 @@ CSV_BYTES = st.one_of(st.binary(max_size=300),
 def test_csv_table(data: bytes) -> None:
     """The tabular adapter and the imputation reader: rows read or rejected with a reason, else one line."""
     from maskdiff.adapters import TabularAdapter
-    from maskdiff.cli import UserError
+    from maskdiff.errors import UserError
     from maskdiff.tables import read_table
 
     path = _file("t.csv", data)
@@ -243,7 +243,7 @@ def test_csv_table(data: bytes) -> None:
 @given(st.binary(max_size=200))
 def test_parquet_table(data: bytes) -> None:
     from maskdiff.adapters import TabularAdapter
-    from maskdiff.cli import UserError
+    from maskdiff.errors import UserError
     from maskdiff.tables import read_table
 
     path = _file("t.parquet", b"PAR1" + data)

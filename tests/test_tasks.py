@@ -9,7 +9,7 @@ import pytest
 from adapter_fixtures import PENGUINS, scratch
 from tasks_fixtures import shard_dir, tiny_bundle
 
-from maskdiff.cli import UserError
+from maskdiff.errors import UserError
 from maskdiff.images import keep_mask
 from maskdiff.imputation import impute
 from maskdiff.imputation_quality import hide_cells, with_hidden

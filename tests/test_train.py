@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from training_support import TINY, metrics, run_train, tiny_args, tiny_shard_root, weights
+from training_support import TINY, metrics, run_train, tensorboard_scalars, tiny_args, tiny_shard_root, weights
 
 pytestmark = pytest.mark.slow
 STEPS = ["train.steps=40", "train.log_every=5", "train.eval_every=10", "train.checkpoint_every=20"]
@@ -54,6 +54,12 @@ def test_run_outputs(one_process: Path) -> None:
     for mod in ("text", "tabular"):
         png = one_process / "plots" / f"{mod}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    events = tensorboard_scalars(one_process / "tensorboard")  # the same figures as metrics.jsonl
+    for kind in ("train", "eval"):
+        for mod in ("text", "tabular"):
+            want = [(m["step"], pytest.approx(m["bits_per_token"][mod])) for m in metrics(one_process, kind)]
+            assert events[f"{kind}/bits_per_token/{mod}"] == want
+    assert [s for s, _ in events["train/tokens_per_s"]] == list(range(5, 41, 5))
     tags = sorted(p.name for p in (one_process / "checkpoints").glob("step*"))
     assert tags == ["step00000020", "step00000040"]
     assert (one_process / "checkpoints" / "latest").read_text().strip() == "step00000040"

@@ -37,14 +37,13 @@ class Batch:
     tokens: Tensor
     support_ids: Tensor
     modality_ids: Tensor
-    positions: Tensor  # position within the field (raster order for images)
     valid: Tensor
     pad: Tensor
     mask_id: int
     segment_ids: Tensor | None = None
     record_positions: Tensor | None = None
 
-    TENSORS = ("tokens", "support_ids", "modality_ids", "positions", "valid", "pad")
+    TENSORS = ("tokens", "support_ids", "modality_ids", "valid", "pad")
     PACKING = ("segment_ids", "record_positions")
 
     @property
@@ -112,7 +111,7 @@ def collate_rows(rows: Sequence[Sequence[Record]], spec: VocabSpec, length: int 
     if longest > length:
         raise ValueError(f"collate: a row has {longest} tokens, more than the length {length}")
     B = len(rows)
-    keys = ("tokens", "support_ids", "modality_ids", "positions")
+    keys = ("tokens", "support_ids", "modality_ids")
     out = {k: np.zeros((B, length), np.int64) for k in keys}
     out["tokens"][:] = spec.pad_id
     packed = any(len(row) > 1 for row in rows)
@@ -137,7 +136,7 @@ def collate_rows(rows: Sequence[Sequence[Record]], spec: VocabSpec, length: int 
 
 
 def _flatten(record: Record, spec: VocabSpec) -> tuple[np.ndarray, ...]:
-    tokens, supports, modalities, positions = [], [], [], []
+    tokens, supports, modalities = [], [], []
     for f in record.fields:
         local = f.tokens.reshape(-1)
         n = local.size
@@ -145,8 +144,7 @@ def _flatten(record: Record, spec: VocabSpec) -> tuple[np.ndarray, ...]:
         tokens.append(spec.to_global(f.support, local))
         supports.append(np.full(n, sid))
         modalities.append(np.full(n, spec.modality_id(spec.supports[sid].modality)))
-        positions.append(np.arange(n))
-    return tuple(np.concatenate(parts) for parts in (tokens, supports, modalities, positions))
+    return tuple(np.concatenate(parts) for parts in (tokens, supports, modalities))
 
 
 def split(batch: Batch, records: Sequence[Record], spec: VocabSpec, tokens: Tensor | None = None) -> list[Record]:

@@ -32,7 +32,8 @@ from safetensors.torch import load_file, save_file
 
 from maskdiff.adapters import Adapter, adapter_from_state
 
-from .config import ConfigError, RunConfig, load_config, save_config, to_run_config
+from .config import RunConfig, load_config, save_config, to_run_config
+from .errors import BundleError, ConfigError, UserError
 from .files import sha256_file, write_atomic
 from .joint import JointModel
 from .tokens import VocabMismatchError, VocabSpec
@@ -43,10 +44,6 @@ WEIGHTS, CONFIG, VOCAB, INFO, ADAPTERS = "model.safetensors", "config.yaml", "vo
 
 
 CORE_KEYS = ("format", "version", "step", "vocab_fingerprint", "modalities", "parameters", "metrics", "lengths", "files")
-
-
-class BundleError(ValueError):
-    """A bundle directory is missing, incomplete or inconsistent; the message names the file."""
 
 
 @dataclass
@@ -248,4 +245,15 @@ def _load_adapter(root: Path, spec: VocabSpec, mod: Any) -> Adapter:
     return adapter
 
 
-__all__ = ["Bundle", "BundleError", "export_bundle", "load_bundle"]
+def open_bundle(path: str | Path, modality: str | None = None, device: str = "cpu") -> Bundle:
+    """Load a bundle, with a one-line :class:`UserError` for a missing one or a missing modality."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{p}: no such bundle directory (train one with tools/train.py; it writes runs/<name>/bundle)")
+    bundle = load_bundle(p, device=device)
+    if modality is not None and modality not in bundle.adapters:
+        raise UserError(f"{p}: the model was not trained on {modality} data; its modalities are {', '.join(sorted(bundle.adapters))}")
+    return bundle
+
+
+__all__ = ["Bundle", "BundleError", "export_bundle", "load_bundle", "open_bundle"]

@@ -22,18 +22,11 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from .errors import CheckpointError, UnsafeCheckpointError
 from .files import sha256_file, write_atomic
 
 COMPLETE, LATEST = "complete.json", "latest"
 TAG = re.compile(r"^step(\d{8})$")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint cannot be used; the message names the file."""
-
-
-class UnsafeCheckpointError(CheckpointError):
-    """A checkpoint file holds objects that are not plain training state (refused, never unpickled)."""
 
 
 def tag_for(step: int) -> str:

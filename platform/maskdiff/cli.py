@@ -14,29 +14,18 @@ import argparse
 import math
 import os
 import sys
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import torch
 
+from .bundle import open_bundle
+from .errors import UserError, user_errors
+from .files import atomic_path, write_text
+from .progress import add_progress_flags
+from .sampler import SamplerOptions
+
 USER_ERROR, INTERRUPTED = 2, 130
-
-
-class UserError(Exception):
-    """A problem with what the user asked for; the message is shown as is."""
-
-
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Exception types that are the user's input, not a bug (reported in one line)."""
-    from maskdiff.adapters import InputError
-
-    from .bundle import BundleError
-    from .config import ConfigError
-    from .tokens import VocabMismatchError
-
-    return (UserError, InputError, BundleError, ConfigError, VocabMismatchError)
 
 
 def run(main: Callable[[argparse.Namespace], int | None], parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
@@ -132,17 +121,17 @@ def add_sampling(p: argparse.ArgumentParser, steps: int = 64, batch_size: int = 
     g.add_argument("--device", default="cpu", help="torch device (default cpu)")
 
 
+def sampler_options(args: argparse.Namespace, guidance_supports: Sequence[int] = ()) -> SamplerOptions:
+    """SamplerOptions from the options of :func:`add_sampling` (and ``--guidance`` where a tool has it)."""
+    guidance = float(getattr(args, "guidance", 0.0) or 0.0)
+    return SamplerOptions(steps=args.steps, grid=args.grid, method=args.method, temperature=args.temperature, top_p=args.top_p,
+                          guidance=guidance if guidance_supports else 0.0, guidance_supports=tuple(guidance_supports),
+                          confidence_noise=args.confidence_noise)
+
+
 def add_output(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    bar = p.add_mutually_exclusive_group()
-    bar.add_argument("--progress", dest="progress", action="store_true", default=None, help="show progress bars (default: on a terminal)")
-    bar.add_argument("--no-progress", dest="progress", action="store_false")
-
-
-def show_progress(flag: bool | None) -> bool:
-    if flag is not None:
-        return flag
-    return sys.stderr.isatty() and not os.environ.get("CI")
+    add_progress_flags(p)
 
 
 def check_outputs(paths: Sequence[str | Path], overwrite: bool) -> None:
@@ -166,30 +155,6 @@ def _check_writable_parent(p: Path) -> None:
         raise UserError(f"{p}: cannot be created: {parent} is not writable")
 
 
-@contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; rename it into place when the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make outputs private
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def write_text(path: str | Path, text: str) -> Path:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-    return Path(path)
-
-
 def emit(text: str, output: str | Path | None, summary: str) -> None:
     """Write ``text`` to ``output`` (atomically) and print ``summary``, or print ``text`` itself."""
     if output:
@@ -197,20 +162,6 @@ def emit(text: str, output: str | Path | None, summary: str) -> None:
         print(summary)
     else:
         sys.stdout.write(text)
-
-
-def open_bundle(path: str | Path, modality: str | None = None, device: str = "cpu"):
-    """Load a bundle, with a one-line :class:`UserError` for a missing one or a missing modality."""
-    from .bundle import load_bundle
-
-    p = Path(path)
-    if not p.exists():
-        raise UserError(f"{p}: no such bundle directory (train one with tools/train.py; it writes runs/<name>/bundle)")
-    bundle = load_bundle(p, device=device)
-    if modality is not None and modality not in bundle.adapters:
-        raise UserError(f"{p}: the model was not trained on {modality} data; its modalities are {', '.join(sorted(bundle.adapters))}")
-    return bundle
-
 
 def available_memory(device: str | torch.device) -> int | None:
     """Bytes free for tensors on ``device`` (None when unknown)."""
@@ -263,5 +214,5 @@ def generator(seed: int, device: str = "cpu") -> torch.Generator:
 
 __all__ = [
     "USER_ERROR", "UserError", "add_model", "add_output", "add_sampling", "atomic_path", "check_outputs", "generator",
-    "batch_bytes", "check_args", "check_count", "check_device", "check_fill_memory", "check_memory", "one_line", "open_bundle", "parser", "run", "show_progress", "user_errors", "write_text",
+    "batch_bytes", "check_args", "check_count", "check_device", "check_fill_memory", "check_memory", "one_line", "open_bundle", "parser", "run", "sampler_options", "user_errors", "write_text",
 ]

@@ -10,6 +10,7 @@ cannot (known schedule kinds, a source per modality, ranges).
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import re
 from dataclasses import dataclass, field
@@ -19,14 +20,11 @@ from typing import Any, Dict, List, Optional, Sequence
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .errors import ConfigError
 from .tokens import MODALITIES
 
 SCHEDULE_KINDS = re.compile(r"^(linear|cosine|geometric|genmd4|poly\d+(\.\d+)?)$")
 LR_DECAYS = ("cosine", "linear", "constant")
-
-
-class ConfigError(ValueError):
-    """A user error in the run configuration; the message names the key."""
 
 
 @dataclass
@@ -129,7 +127,8 @@ class TrainConfig:
     eval_batches: int = 4  # held-out micro-batches per process and evaluation
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
-    plots: bool = True
+    plots: bool = True  # plots/<modality>.png at the end of the run
+    tensorboard: bool = True  # the metrics also as TensorBoard event files in RUN/tensorboard/
     # classifier-free guidance: per example, drop each of these conditioning fields (support
     # names, e.g. pixels/label) with this probability, so one model learns p(x | c) and p(x)
     condition_dropout: float = 0.0
@@ -289,6 +288,8 @@ def validate(rc: RunConfig) -> None:
     _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
     _check(0.0 <= t.condition_dropout < 1.0, "train.condition_dropout", f"must be in [0, 1), got {t.condition_dropout}")
     _check(t.condition_dropout == 0 or bool(t.condition_fields), "train.condition_fields", "condition_dropout needs the fields to drop")
+    _check(not t.tensorboard or importlib.util.find_spec("tensorboard") is not None, "train.tensorboard",
+           "needs the tensorboard package (pip install tensorboard), or set train.tensorboard=false")
 
 
 __all__ = [

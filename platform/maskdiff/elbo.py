@@ -31,7 +31,6 @@ so per-record nats do not depend on how records were laid out in rows.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +38,7 @@ from torch import Tensor
 
 from . import kernels
 from .batch import Batch
+from .bits import bits_per_token
 from .outputs import AnyDenoiser, SupportGroup, spec_of, support_logits, support_sizes
 from .schedules import ModalitySchedules, Schedule
 from .tokens import MODALITIES, VocabSpec
@@ -61,7 +61,7 @@ class ELBOResult:
         return out
 
     def bits_per_token(self) -> dict[str, float]:
-        return {m: nats / (n * math.log(2)) for m, (nats, n) in self.per_modality().items()}
+        return {m: bits_per_token(nats, n) for m, (nats, n) in self.per_modality().items()}
 
 
 def antithetic_times(batch_size: int, t_min: float, generator: torch.Generator | None = None, device=None) -> Tensor:

@@ -10,7 +10,6 @@ class label out.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -19,11 +18,11 @@ import numpy as np
 import torch
 
 from .batch import collate
-from .cli import UserError
+from .bits import bits_per_token, mean_bits_and_stderr
+from .errors import UserError
 from .elbo import elbo
 from .tokens import MODALITIES, Record, VocabMismatchError, VocabSpec
 
-LN2 = math.log(2)
 IMAGE_SUPPORT = "pixels/value"
 
 
@@ -76,13 +75,6 @@ def evaluate_records(bundle, records: Sequence[Record], *, repeats: int = 4, bat
     return tally
 
 
-def _mean_se(per_pass_nats: Iterable[float], tokens: int) -> tuple[float, float | None]:
-    """Mean bits/token over passes and its standard error (None from a single pass: JSON has no NaN)."""
-    bits = np.array(list(per_pass_nats)) / (tokens * LN2)
-    se = float(bits.std(ddof=1) / math.sqrt(bits.size)) if bits.size > 1 else None
-    return float(bits.mean()), se
-
-
 def summarise(tally: Tally, spec: VocabSpec, records: int) -> dict[str, Any]:
     """Per modality: bits/token (all its fields), its standard error, tokens, and the per-field breakdown."""
     out: dict[str, Any] = {}
@@ -92,10 +84,10 @@ def summarise(tally: Tally, spec: VocabSpec, records: int) -> dict[str, Any]:
             continue
         tokens = sum(tally.tokens[n] for n in names)
         passes = np.sum([tally.nats[n] for n in names], axis=0)
-        bits, se = _mean_se(passes, tokens)
+        bits, se = mean_bits_and_stderr(passes, tokens)
         entry: dict[str, Any] = {"bits_per_token": bits, "stderr": se, "tokens": tokens, "records": records, "fields": {}}
         for n in names:
-            b, s = _mean_se(tally.nats[n], tally.tokens[n])
+            b, s = mean_bits_and_stderr(tally.nats[n], tally.tokens[n])
             entry["fields"][n] = {"bits_per_token": b, "stderr": s, "tokens": tally.tokens[n]}
         if IMAGE_SUPPORT in entry["fields"]:
             entry["bits_per_dim"] = entry["fields"][IMAGE_SUPPORT]["bits_per_token"]
@@ -158,5 +150,5 @@ def unigram_bits(train: Iterable[Record], test: Sequence[Record], spec: VocabSpe
             mod = spec.support(f.support).modality
             nats[mod] = nats.get(mod, 0.0) - float(np.log(p[t]).sum())
             tokens[mod] = tokens.get(mod, 0) + t.size
-    return {m: nats[m] / (tokens[m] * LN2) for m in nats}
+    return {m: bits_per_token(nats[m], tokens[m]) for m in nats}
 __all__ = ["Tally", "check_shards", "evaluate_records", "shard_records", "summarise", "unigram_bits"]

@@ -9,7 +9,6 @@ sequence lengths from the lengths seen in training shards.
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -20,7 +19,7 @@ from tqdm.auto import tqdm
 
 from maskdiff.adapters import OTHER, CategoryVocab
 
-from .cli import UserError
+from .errors import UserError
 from .sampler import SamplerOptions, complete
 from .tokens import Record
 
@@ -31,15 +30,6 @@ CONDITION_FIELDS = {"pixels": "label"}  # protein conditions are named by their 
 class Filled:
     records: list[Record]
     network_calls: int
-
-
-def sampler_options(args: argparse.Namespace, guidance_supports: Sequence[int] = ()) -> SamplerOptions:
-    """SamplerOptions from the shared command-line options (see :func:`maskdiff.cli.add_sampling`)."""
-    guidance = float(getattr(args, "guidance", 0.0) or 0.0)
-    opts = SamplerOptions(steps=args.steps, grid=args.grid, method=args.method, temperature=args.temperature, top_p=args.top_p,
-                          guidance=guidance if guidance_supports else 0.0, guidance_supports=tuple(guidance_supports),
-                          confidence_noise=args.confidence_noise)
-    return opts
 
 
 def fill(bundle, records: Sequence[Record], opts: SamplerOptions, generator: torch.Generator, *, batch_size: int = 64,
@@ -116,7 +106,7 @@ def length_sampler(bundle, modality: str, field: str, dirs: Sequence[str | Path]
     return lengths
 
 
-__all__ = ["Filled", "conditions", "encode_category", "fill", "heldout_records", "length_sampler", "parse_pairs", "sampler_options", "training_dirs"]
+__all__ = ["Filled", "conditions", "encode_category", "fill", "heldout_records", "length_sampler", "parse_pairs", "training_dirs"]
 
 
 def heldout_records(bundle, modality: str) -> tuple[list[Record], list[Record]]:

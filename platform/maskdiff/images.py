@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from torchvision.utils import make_grid
 
-from .cli import UserError, atomic_path
+from .errors import UserError
+from .files import atomic_path
 from .generation import encode_category
 from .tokens import MISSING, Field, Record
 

@@ -41,7 +41,8 @@ from tqdm.auto import tqdm
 from maskdiff.adapters import CategoryVocab, Reject
 
 from .batch import Batch, collate
-from .cli import UserError, atomic_path
+from .errors import UserError
+from .files import atomic_path
 from .imputation_calibration import calibrated, from_info
 from .outputs import SupportGroup, support_logits
 from .tables import Table

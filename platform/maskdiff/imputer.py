@@ -61,7 +61,7 @@ class MaskdiffImputer(*_BASES):  # type: ignore[misc]
         return self
 
     def fit(self, X: Any, y: Any = None) -> MaskdiffImputer:
-        from .cli import open_bundle
+        from .bundle import open_bundle
         from .table_fit import fit_table
 
         arrow = _to_arrow(X)

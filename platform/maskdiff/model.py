@@ -273,6 +273,3 @@ class Denoiser(nn.Module):
         if self.coord_out is not None:
             weight = weight + self.coord_out(self.coord_feats[start:stop])
         return weight
-
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())

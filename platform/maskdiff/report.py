@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from .cli import write_text
+from .files import write_text
 
 
 def fmt(v: Any, digits: int = 3) -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import time
 import uuid
 from contextlib import contextmanager
@@ -25,19 +24,13 @@ from maskdiff.adapters import Adapter, Rejected, adapter_class, adapter_from_sta
 from maskdiff.tokens import VocabSpec
 
 from .files import sha256_file
+from .progress import progress_enabled
 from .shard_encoding import encoded
 from .shard_format import FORMAT, MANIFEST, RECORD_MEMBER, REJECTS, VERSION, ShardError
 from .shard_reader import _side_files, load_manifest
 
 STAGING_PREFIX = ".staging-"
 DEFAULT_SHARD_SIZE = 10_000
-
-
-def progress_enabled(progress: bool | None = None) -> bool:
-    """Progress bars: on for a terminal, off when not a TTY or when ``CI`` is set."""
-    if progress is not None:
-        return progress
-    return sys.stderr.isatty() and not os.environ.get("CI")
 
 
 @contextmanager
@@ -364,4 +357,4 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-__all__ = ["DEFAULT_SHARD_SIZE", "STAGING_PREFIX", "progress_enabled", "write_shards"]
+__all__ = ["DEFAULT_SHARD_SIZE", "STAGING_PREFIX", "write_shards"]

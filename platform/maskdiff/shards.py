@@ -25,7 +25,8 @@ from .files import sha256_file
 from .shard_format import FORMAT, MANIFEST, REJECTS, VERSION, ChecksumError, ShardError, decode_sample
 from .shard_reader import BAD_SHARD_POLICIES, ShardSet, SkippedShard, field_lengths, load_manifest
 from .shard_source import ShardLocation
-from .shard_writer import DEFAULT_SHARD_SIZE, STAGING_PREFIX, progress_enabled, write_shards
+from .progress import progress_enabled
+from .shard_writer import DEFAULT_SHARD_SIZE, STAGING_PREFIX, write_shards
 
 __all__ = [
     "BAD_SHARD_POLICIES", "DEFAULT_SHARD_SIZE", "FORMAT", "MANIFEST", "REJECTS", "STAGING_PREFIX", "VERSION", "ChecksumError",

@@ -18,7 +18,8 @@ from typing import Any, Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .cli import UserError, atomic_path
+from .errors import UserError
+from .files import atomic_path
 
 PARQUET_MAGIC = b"PAR1"
 

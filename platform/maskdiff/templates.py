@@ -15,7 +15,7 @@ import re
 
 import numpy as np
 
-from .cli import UserError
+from .errors import UserError
 from .tokens import MISSING
 
 PROTEIN_HOLES = "_-?"

@@ -9,7 +9,8 @@ A run directory holds ``config.yaml`` (the resolved configuration),
 ``metrics.jsonl`` (one JSON object per log / evaluation), ``checkpoints/``
 (DeepSpeed checkpoints; each tag also holds one ``rank<r>.pt`` per process
 with its RNG states and data position), ``bundle/`` (the inference bundle,
-see :mod:`maskdiff.bundle`), ``summary.json`` and ``plots/``.
+see :mod:`maskdiff.bundle`), ``summary.json``, ``plots/`` and ``tensorboard/``
+(the metrics as TensorBoard event files, unless ``train.tensorboard=false``).
 
 A resumed run restores model, optimizer, LR schedule, RNG states and the data
 position (the stream seeks to it: shard, window and record per process and
@@ -48,15 +49,17 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from .batch import Batch, drop_fields
+from .bits import bits_per_token
 from .checkpoints import CheckpointError, Choice, choose, safe_load, seal, step_of, tag_for, use_safe_loader, write_latest
 from .config import ConfigError, RunConfig, save_config, to_run_config
 from .joint import JointModel
 from .loader import PositionMismatch, batches, ensure_shards, heldout_batches, is_heldout, open_sources, train_dataset
+from .progress import progress_enabled
 from .shards import ShardSet, field_lengths
+from .tensorboard_log import TENSORBOARD, TensorBoardLog
 from .tokens import MODALITIES, VocabSpec
 
 CHECKPOINTS, METRICS, CONFIG, SUMMARY, LOCK = "checkpoints", "metrics.jsonl", "config.yaml", "summary.json", ".lock"
-LN2 = math.log(2)
 MAX_SKIPPED_IN_A_ROW = 10  # non-finite steps in a row that stop a run
 
 
@@ -243,7 +246,7 @@ class Tally:
         return sum(self.tokens.values())
 
     def bits_per_token(self) -> dict[str, float]:
-        return {m: self.nats[m] / (self.tokens[m] * LN2) for m in MODALITIES if self.tokens.get(m)}
+        return {m: bits_per_token(self.nats[m], self.tokens[m]) for m in MODALITIES if self.tokens.get(m)}
 
     def nats_per_token(self) -> float:
         return sum(self.nats.values()) / max(1, self.total_tokens)
@@ -265,18 +268,27 @@ def _max_over_ranks(value: float, device: torch.device) -> float:
 
 
 class MetricsLog:
-    """``metrics.jsonl`` writer (rank 0); on resume, drops lines past the resumed step."""
+    """``metrics.jsonl`` writer (rank 0), and the same scalars as TensorBoard events under ``tensorboard``
+    when given; on resume, both drop what lies past the resumed step."""
 
-    def __init__(self, path: Path, enabled: bool, resume_step: int | None):
+    def __init__(self, path: Path, enabled: bool, resume_step: int | None, tensorboard: Path | None = None):
         self.path, self.enabled = path, enabled
         if enabled and resume_step is not None and path.exists():
             kept = [line for line in path.read_text().splitlines() if line.strip() and _metric_step(path, line) <= resume_step]
             path.write_text("".join(line + "\n" for line in kept))
+        self.events = TensorBoardLog(tensorboard, resume_step) if enabled and tensorboard is not None else None
 
     def write(self, record: dict[str, Any]) -> None:
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            if self.events is not None:
+                self.events.write(record)
+
+    def close(self) -> None:
+        if self.events is not None:
+            self.events.close()
+            self.events = None
 
 
 def _metric_step(path: Path, line: str) -> int:
@@ -287,10 +299,6 @@ def _metric_step(path: Path, line: str) -> int:
     except (ValueError, AttributeError):
         pass
     raise ConfigError(f"{path}: a line is not a metrics record ({line[:60]!r}); repair or remove it to resume")
-
-
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 # --- the run -----------------------------------------------------------------------------------
@@ -410,9 +418,7 @@ class Trainer:
         except BaseException:
             self.abandon()
             raise
-        if progress is None:
-            progress = sys.stderr.isatty() and not os.environ.get("CI")
-        self.progress = progress and self.is_main
+        self.progress = progress_enabled(progress) and self.is_main
 
     def log(self, msg: str) -> None:
         if self.is_main:
@@ -483,6 +489,8 @@ class Trainer:
 
     def abandon(self) -> None:
         """After a failure: remove a run directory this start created and never trained in; release the lock."""
+        if getattr(self, "metrics", None) is not None:
+            self.metrics.close()
         if self.is_main and self.created and not self.started and self.lock.fd >= 0:
             shutil.rmtree(self.run_dir, ignore_errors=True)
         self.lock.release()
@@ -646,7 +654,8 @@ class Trainer:
         self.data_start: dict[str, Any] | None = None
         start = self.load_checkpoint() if self.resume else 0
         stop = min(t.steps, until) if until is not None else t.steps
-        metrics = MetricsLog(self.run_dir / METRICS, self.is_main, start if self.resume else None)
+        self.metrics = metrics = MetricsLog(self.run_dir / METRICS, self.is_main, start if self.resume else None,
+                                            self.run_dir / TENSORBOARD if t.tensorboard else None)
         n_params = sum(p.numel() for p in self.model.parameters())
         self.log(f"{'resuming' if self.resume else 'training'} {rc.name}: {n_params / 1e6:.2f}M parameters, modalities "
                  f"{', '.join(rc.modalities)}, {self.world} process(es) on {self.device.type}, ZeRO {rc.deepspeed.zero_stage}, "
@@ -703,6 +712,7 @@ class Trainer:
                 break
         if bar is not None:
             bar.close()
+        metrics.close()
         finished = stop == t.steps or out_of_time
         if out_of_time:
             self.log(f"train.minutes={t.minutes:g} spent: stopping at step {stop} of {t.steps}")
@@ -768,4 +778,4 @@ def train(cfg: DictConfig, *, resume: bool = False, overwrite: bool = False, unt
     return result
 
 
-__all__ = ["MetricsLog", "RunResult", "Tally", "Trainer", "deepspeed_config", "init_distributed", "lr_lambda", "make_optimizer", "read_metrics", "train"]
+__all__ = ["MetricsLog", "RunResult", "Tally", "Trainer", "deepspeed_config", "init_distributed", "lr_lambda", "make_optimizer", "train"]

@@ -60,6 +60,7 @@ for _key, _value in ENVIRONMENT.items():
     os.environ.setdefault(_key, _value)
 
 from maskdiff import cli  # noqa: E402
+from maskdiff.progress import progress_enabled  # noqa: E402
 
 DEFAULT_MINUTES = 8.0
 
@@ -148,12 +149,12 @@ def run(args) -> int:
         run_dir = Path(args.run_dir or Path("runs") / f"impute-{source.name.split('.')[0]}")
         log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
         path, _ = fit_table(source, run_dir, minutes=args.minutes, adapter_options=fit_options(args), seed=args.seed,
-                            overwrite=args.overwrite, progress=cli.show_progress(args.progress), log=log)
+                            overwrite=args.overwrite, progress=progress_enabled(args.progress), log=log)
         bundle = cli.open_bundle(path, "tabular", args.device)
         log(f"fitted in {time.perf_counter() - started:.0f} s; reuse it with --model {path}")
     t0 = time.perf_counter()
     imp = impute(bundle, table, draws=args.draws, temperature=args.temperature, passthrough=passthrough, batch_size=args.batch_size,
-                 device=args.device, progress=cli.show_progress(args.progress), seed=args.seed, calibrate=args.calibrate)
+                 device=args.device, progress=progress_enabled(args.progress), seed=args.seed, calibrate=args.calibrate)
     for path, filled in zip(tables, imp.draws):
         write_table(table, filled, path, delimiter)
     if summary:

@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 
 from maskdiff import cli
+from maskdiff.progress import progress_enabled
 
 
 def build_parser():
@@ -73,7 +74,7 @@ def fasta(records: list[tuple[str, str]], width: int = 60) -> str:
 def run(args) -> int:
     import numpy as np
 
-    from maskdiff.generation import conditions, fill, length_sampler, parse_pairs, sampler_options
+    from maskdiff.generation import conditions, fill, length_sampler, parse_pairs
     from maskdiff.templates import protein_template
     from maskdiff.tokens import MISSING, Field, Record
 
@@ -109,8 +110,8 @@ def run(args) -> int:
         records.append(Record(fields, {"index": i}))
     supports = [bundle.spec.support_id(f"protein/{k}") for k in given] if args.guidance > 0 else []
     cli.check_fill_memory(bundle, records, args.batch_size, args.device)
-    filled = fill(bundle, records, sampler_options(args, supports), cli.generator(args.seed, args.device), batch_size=args.batch_size,
-                  device=args.device, progress=cli.show_progress(args.progress))
+    filled = fill(bundle, records, cli.sampler_options(args, supports), cli.generator(args.seed, args.device), batch_size=args.batch_size,
+                  device=args.device, progress=progress_enabled(args.progress))
     entries = []
     for i, rec in enumerate(filled.records, 1):
         d = adapter.decode(rec)

@@ -28,6 +28,7 @@ import sys
 from pathlib import Path
 
 from maskdiff import cli
+from maskdiff.progress import progress_enabled
 
 
 def build_parser():
@@ -49,7 +50,7 @@ def build_parser():
 def run(args) -> int:
     import numpy as np
 
-    from maskdiff.generation import fill, sampler_options
+    from maskdiff.generation import fill
     from maskdiff.images import image_records, keep_mask, load_image, save_arrays, save_grid
 
     if args.num < 1:
@@ -71,10 +72,10 @@ def run(args) -> int:
         labels = [v for v in labels for _ in range(args.num // len(labels))]  # one block (grid row) per class
     records = image_records(adapter, args.num, labels, image, keep)
     supports = [bundle.spec.support_id("pixels/label")] if args.guidance > 0 and args.label else []
-    opts = sampler_options(args, supports)
+    opts = cli.sampler_options(args, supports)
     cli.check_fill_memory(bundle, records, args.batch_size, args.device)
     filled = fill(bundle, records, opts, cli.generator(args.seed, args.device), batch_size=args.batch_size, device=args.device,
-                  progress=cli.show_progress(args.progress))
+                  progress=progress_enabled(args.progress))
     decoded = [adapter.decode(r) for r in filled.records]
     images = np.stack([d["image"] for d in decoded])
     nrow = args.nrow or (args.num // len(args.label) if args.label and args.num % len(args.label) == 0 and args.num > len(args.label) else None)

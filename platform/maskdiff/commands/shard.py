@@ -48,6 +48,7 @@ import sys
 from typing import Any
 
 from maskdiff.adapters import ADAPTERS, InputError, Option
+from maskdiff.progress import add_progress_flags
 from maskdiff.shards import DEFAULT_SHARD_SIZE, REJECTS, write_shards
 from maskdiff.tokens import VocabMismatchError
 
@@ -64,7 +65,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, tuple[Option, set
     ap.add_argument("--overwrite", action="store_true", help="replace the data set already in DIR (built aside, then swapped in whole: DIR always holds one complete data set; other files in DIR are kept)")
     ap.add_argument("--state-from", metavar="DIR", help="reuse the fitted adapter (vocabulary, bins, BPE model) of another shard directory of this modality")
     ap.add_argument("--workers", type=int, default=1, metavar="N", help="encode in N processes while this one reads the input (same output bytes as 1; default 1)")
-    ap.add_argument("--no-progress", action="store_true", help="no progress bar (it is off anyway when stderr is not a terminal or CI is set)")
+    add_progress_flags(ap)
     owners: dict[str, tuple[Option, set[str]]] = {}
     for modality, cls in ADAPTERS.items():
         for opt in cls.options_spec:
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_term)
     try:
         m = write_shards(args.modality, args.input, args.output, name=args.name, shard_size=args.shard_size, max_len=args.max_len,
-                         overwrite=args.overwrite, state_from=args.state_from, progress=False if args.no_progress else None,
+                         overwrite=args.overwrite, state_from=args.state_from, progress=args.progress,
                          workers=args.workers, **options)
     except (InputError, VocabMismatchError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import sys
 
 from maskdiff import cli
+from maskdiff.progress import progress_enabled
 
 
 def build_parser():
@@ -44,7 +45,7 @@ def unescape(text: str) -> str:
 
 
 def run(args) -> int:
-    from maskdiff.generation import fill, sampler_options
+    from maskdiff.generation import fill
     from maskdiff.templates import text_template
     from maskdiff.tokens import Field, Record
 
@@ -63,8 +64,8 @@ def run(args) -> int:
     tokens = text_template(template, adapter.processor.encode, args.span, adapter.max_len)
     records = [Record([Field("text", SUPPORT, tokens.copy())], {"index": i}) for i in range(args.num)]
     cli.check_fill_memory(bundle, records, args.batch_size, args.device)
-    filled = fill(bundle, records, sampler_options(args), cli.generator(args.seed, args.device), batch_size=args.batch_size,
-                  device=args.device, progress=cli.show_progress(args.progress))
+    filled = fill(bundle, records, cli.sampler_options(args), cli.generator(args.seed, args.device), batch_size=args.batch_size,
+                  device=args.device, progress=progress_enabled(args.progress))
     text = "".join(f"--- sample {i} ---\n{adapter.decode(r)}\n" for i, r in enumerate(filled.records, 1))
     cli.emit(text, args.output, f"wrote {args.num} sample(s) to {args.output}, {filled.network_calls} network evaluations")
     return 0

@@ -28,6 +28,8 @@ import signal
 import sys
 from pathlib import Path
 
+from maskdiff.progress import add_progress_flags
+
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
@@ -38,9 +40,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.steps=500")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     p.add_argument("--until", type=int, metavar="STEP", help="stop after this step with a checkpoint (the LR schedule still spans train.steps)")
-    bar = p.add_mutually_exclusive_group()
-    bar.add_argument("--progress", dest="progress", action="store_true", default=None, help="show a progress bar (default: on a terminal)")
-    bar.add_argument("--no-progress", dest="progress", action="store_false")
+    add_progress_flags(p)
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     return p.parse_intermixed_args(argv)
 
