@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from training_support import TINY, metrics, run_train, tiny_args, tiny_shard_root, weights
+from training_support import TINY, metrics, run_train, run_two_nodes, tiny_args, tiny_shard_root, weights
 
 pytestmark = pytest.mark.slow
 STEPS = ["train.steps=40", "train.log_every=5", "train.eval_every=10", "train.checkpoint_every=20"]
@@ -59,21 +59,46 @@ def test_run_outputs(one_process: Path) -> None:
     assert (one_process / "checkpoints" / "latest").read_text().strip() == "step00000040"
 
 
-def test_two_processes_gloo_zero2_matches_zero0(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+SHORT = ["train.steps=8", "train.log_every=4", "train.eval_every=8", "train.checkpoint_every=8"]
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An 8-step run of the tiny config by one node with two processes (torchrun, gloo, ZeRO 0)."""
+    run = tmp_path_factory.mktemp("two") / "zero0"
+    res = run_train(tiny_args(tiny_shard_root(tmp_path_factory), run, *SHORT, "deepspeed.zero_stage=0"), procs=2)
+    assert "2 process(es)" in res.stderr
+    return run
+
+
+def test_two_processes_gloo_zero2_matches_zero0(two_processes: Path, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
     """2 ranks: each trains on its own part of the data; ZeRO-2 gives ZeRO-0's weights."""
-    shards = tiny_shard_root(tmp_path_factory)
-    short = ["train.steps=8", "train.log_every=4", "train.eval_every=8", "train.checkpoint_every=8"]
-    runs = {}
-    for stage in (0, 2):
-        runs[stage] = tmp_path / f"zero{stage}"
-        res = run_train(tiny_args(shards, runs[stage], *short, f"deepspeed.zero_stage={stage}"), procs=2)
-        assert "2 process(es)" in res.stderr
-    train = metrics(runs[2], "train")
+    zero2 = tmp_path / "zero2"
+    res = run_train(tiny_args(tiny_shard_root(tmp_path_factory), zero2, *SHORT, "deepspeed.zero_stage=2"), procs=2)
+    assert "2 process(es)" in res.stderr
+    train = metrics(zero2, "train")
     assert all(math.isfinite(m["loss"]) for m in train) and set(train[-1]["bits_per_token"]) == {"text", "tabular"}
-    a, b = weights(runs[0]), weights(runs[2])
+    a, b = weights(two_processes), weights(zero2)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
-    assert sorted(p.name for p in (runs[2] / "checkpoints" / "step00000008").glob("rank*.pt")) == ["rank0.pt", "rank1.pt"]
+    assert sorted(p.name for p in (zero2 / "checkpoints" / "step00000008").glob("rank*.pt")) == ["rank0.pt", "rank1.pt"]
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
+def test_two_nodes_train_the_same_weights_as_one_node_with_two_processes(
+        launcher: str, two_processes: Path, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Two one-process "nodes" on localhost (torchrun --nnodes 2, or the DeepSpeed launcher with a two-host hostfile)
+    form the same two ranks as one node with two processes: the same data split and gradient sums, bit for bit."""
+    nodes = tmp_path / "nodes"
+    errs = run_two_nodes(tiny_args(tiny_shard_root(tmp_path_factory), nodes, *SHORT, "deepspeed.zero_stage=0"), launcher, tmp_path)
+    assert "2 process(es)" in errs[0]  # rank 0 is on node 0 and says how many processes joined
+    a, b = weights(two_processes), weights(nodes)
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} of {len(a)} tensors differ, e.g. {different[0]}"
+    curves = [[(m["kind"], m["step"], m.get("loss"), m["bits_per_token"]) for m in metrics(run)] for run in (nodes, two_processes)]
+    assert curves[0] == curves[1]
+    assert sorted(p.name for p in (nodes / "checkpoints" / "step00000008").glob("rank*.pt")) == ["rank0.pt", "rank1.pt"]
 
 
 # --- the loader alone (no engine) ------------------------------------------------------------
