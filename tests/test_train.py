@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
 import math
+import re
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
+from adapter_fixtures import PENGUINS
+from shard_server import corrupt_first_header, served  # noqa: F401  (served: a fixture)
 from training_support import TINY, metrics, run_train, run_two_nodes, tiny_args, tiny_shard_root, weights
 
 pytestmark = pytest.mark.slow
@@ -99,6 +104,32 @@ def test_two_nodes_train_the_same_weights_as_one_node_with_two_processes(
     curves = [[(m["kind"], m["step"], m.get("loss"), m["bits_per_token"]) for m in metrics(run)] for run in (nodes, two_processes)]
     assert curves[0] == curves[1]
     assert sorted(p.name for p in (nodes / "checkpoints" / "step00000008").glob("rank*.pt")) == ["rank0.pt", "rank1.pt"]
+
+
+def test_bad_shard_records_skipped_on_every_rank_and_worker_are_counted_in_metrics_and_summary(served, tmp_path: Path) -> None:
+    """2 processes x 2 loader workers stream a table over HTTP (data.bad_shards=skip) in which the first shard of reader 0
+    (rank 0, worker 0) and of reader 3 (rank 1, worker 1) is corrupt: the first metrics line and the summary count the
+    records of both, skipped in two worker processes of two ranks."""
+    from maskdiff.shards import ShardSet, write_shards
+
+    root, url, _ = served
+    manifest = write_shards("tabular", [PENGUINS], root / "penguins", shard_size=20, bins=16, progress=False)
+    ends = list(itertools.accumulate(entry["records"] for entry in manifest["shards"]))
+    shard_of = {r.meta["id"]: bisect.bisect_right(ends, k) for k, r in enumerate(ShardSet(root / "penguins"))}  # unshuffled: in order
+    readers = ShardSet(root / "penguins", shuffle_buffer=1, seed=0)  # as the run reads it: shard order shuffled with the seed
+    bad = [manifest["shards"][shard_of[next(readers.stream(k, 4)).meta["id"]]] for k in (0, 3)]
+    for entry in bad:
+        corrupt_first_header(root / "penguins" / entry["file"])
+    run = tmp_path / "run"
+    res = run_train(tiny_args(tmp_path / "shards", run, "data.sources.text.weight=0", f"data.sources.tabular.dirs=['{url}/penguins']",
+                              "data.bad_shards=skip", "data.workers=2", "data.shuffle_buffer=1", "data.batch_size=4", "data.heldout=0",
+                              "seed=0", "train.steps=4", "train.log_every=2", "train.checkpoint_every=4"), procs=2)
+    want = sum(entry["records"] for entry in bad)
+    assert [m["skipped_records"] for m in metrics(run, "train")] == [want, 0]  # by step 2 every worker gave a batch
+    assert json.loads((run / "summary.json").read_text())["skipped_records"] == want
+    # each reader's own warning, printed in its worker process
+    assert sorted(re.findall(r"(\d+) record\(s\) of it skipped here", res.stderr)) == sorted(str(entry["records"]) for entry in bad)
+    assert f"{want} record(s) of bad shards skipped" in res.stderr
 
 
 # --- the loader alone (no engine) ------------------------------------------------------------

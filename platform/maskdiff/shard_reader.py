@@ -224,12 +224,14 @@ class ShardSet(IterableDataset):
         """Records shuffled together, and so held at once: the shuffle buffer (1 without shuffling)."""
         return max(self.shuffle_buffer, 1)
 
-    def _slots(self, consumer: int, consumers: int, epoch: int, first: int) -> Iterator[tuple[int, Record]]:
+    def _slots(self, consumer: int, consumers: int, epoch: int, first: int,
+               skipped: list[SkippedShard] | None = None) -> Iterator[tuple[int, Record]]:
         """``(slot, record)`` of one consumer in one epoch, from slot ``first`` on: slot k is the consumer's k-th record.
 
         The epoch's shard order is shuffled with (seed, epoch); a consumer owns every n-th shard, or, with fewer
         shards than consumers, every n-th record. Starting at a slot skips whole shards unread and the head of one
-        shard undecoded, so it costs at most one shard's bytes, whatever the slot.
+        shard undecoded, so it costs at most one shard's bytes, whatever the slot. Bad shards passed over are
+        also appended to ``skipped`` (the calling stream's own list).
         """
         shards = list(self.shards)
         if self.shuffle_buffer > 0:
@@ -253,14 +255,18 @@ class ShardSet(IterableDataset):
             except ShardError as e:
                 if self.bad_shards != "skip":
                     raise
-                self._skip(entry, e, range(base + read, base + n), None if by_shard else (consumer, consumers), read)
+                passed = self._skip(entry, e, range(base + read, base + n), None if by_shard else (consumer, consumers), read)
+                if skipped is not None:
+                    skipped.append(passed)
             base += n
 
-    def _skip(self, entry: dict[str, Any], err: ShardError, lost: range, share: tuple[int, int] | None, read: int) -> None:
+    def _skip(self, entry: dict[str, Any], err: ShardError, lost: range, share: tuple[int, int] | None, read: int) -> SkippedShard:
         """Count this reader's records lost to a bad shard (all of them, or its every n-th) and report it."""
         skipped = len(lost) if share is None else sum(1 for k in lost if k % share[1] == share[0])
-        self.skipped.append(SkippedShard(entry["file"], str(err), skipped, read))
+        passed = SkippedShard(entry["file"], str(err), skipped, read)
+        self.skipped.append(passed)
         self.report(f"warning: bad shard skipped: {err}; {skipped} record(s) of it skipped here, {read} read before the problem showed")
+        return passed
 
     def _read_shard(self, i: int, modality: str, entry: dict[str, Any], keep: Callable[[int], bool]) -> Iterator[tuple[int, Record]]:
         """``(index in the shard, record)`` for the indices ``keep`` accepts; the others are streamed past undecoded."""
@@ -353,12 +359,21 @@ class ShardStream:
     plain ints — says where the next record comes from, so a stream started at a
     saved position continues exactly where the saved one stopped, after reading at
     most one shard's head and one window, however far into the data it is.
+
+    :attr:`skipped` lists the bad shards this stream passed over (``bad_shards="skip"``); a shard is read a
+    window ahead of the records handed out, and again in every epoch, each time counted.
     """
 
     def __init__(self, shards: ShardSet, consumer: int, consumers: int, position: dict[str, int] | None = None) -> None:
         self.shards, self.consumer, self.consumers = shards, consumer, consumers
         self.position = dict(position) if position else {"epoch": shards.epoch, "window": 0, "taken": 0}
+        self.skipped: list[SkippedShard] = []
         self._records = self._run(**self.position)
+
+    @property
+    def skipped_records(self) -> int:
+        """Records of bad shards this stream passed over (its share of them), so far."""
+        return sum(s.skipped for s in self.skipped)
 
     def __iter__(self) -> ShardStream:
         return self
@@ -369,16 +384,28 @@ class ShardStream:
     def _run(self, epoch: int, window: int, taken: int) -> Iterator[Record]:
         s, size = self.shards, self.shards.window
         while True:
-            for w, recs in _windows(s._slots(self.consumer, self.consumers, epoch, window * size), size):
+            given = 0
+            for w, recs in _windows(s._slots(self.consumer, self.consumers, epoch, window * size, self.skipped), size):
                 order = list(range(len(recs)))
                 if s.shuffle_buffer > 0:
                     random.Random(hash((s.seed, epoch, self.consumer, w))).shuffle(order)
                 for k in range(taken if w == window else 0, len(order)):
                     self.position = {"epoch": epoch, "window": w, "taken": k + 1}
+                    given += 1
                     yield recs[order[k]]
             if not s.repeat:
                 return
+            if not given and window == taken == 0:  # a whole epoch gave nothing: repeating it would spin forever
+                raise ShardError(self._nothing_to_read(epoch))
             epoch, window, taken = epoch + 1, 0, 0
+
+    def _nothing_to_read(self, epoch: int) -> str:
+        s = self.shards
+        where = ", ".join(map(str, s.locations))
+        bad = sorted({p.shard for p in self.skipped})
+        why = (f"every shard of its share was bad and skipped ({', '.join(bad)})" if bad else
+               f"its share is empty ({s.num_records} records over {self.consumers} readers)")
+        return f"{where}: reader {self.consumer} of {self.consumers} (ranks x loader workers) read no record in epoch {epoch}: {why}"
 
 
 def _windows(slots: Iterator[tuple[int, Record]], size: int) -> Iterator[tuple[int, list[Record]]]:
