@@ -172,3 +172,27 @@ def test_a_stream_restarted_at_its_position_continues_exactly(consumers):
             assert [_ids([next(again)]) for _ in range(40)] == want, (consumer, position)
             for _ in range(max(0, advance - 40)):
                 next(full)
+
+
+@pytest.mark.parametrize("consumers", [1, 7])  # each reads from every shard (7 > the 4 shards: every 7th record)
+def test_a_restarted_stream_counts_skipped_records_as_the_uninterrupted_one(consumers, tmp_path):
+    out, manifest = built("tabular")
+    shutil.copytree(out, tmp_path / "tabular")
+    bad = manifest["shards"][1]
+    corrupt_first_header(tmp_path / "tabular" / bad["file"])
+    shards = ShardSet(tmp_path / "tabular", shuffle_buffer=30, seed=5, repeat=True, bad_shards="skip", report=lambda msg: None)
+    good = (manifest["samples_written"] - bad["records"]) // consumers
+    full = shards.stream(0, consumers)
+    counts = []
+    for taken in range(2 * good + 10):  # into the third epoch; windows of 30 cut across the bad shard's slots
+        position = dict(full.position)
+        next(full)
+        counts.append(full.skipped_records)
+        if taken % 7 == 0:
+            again = shards.stream(0, consumers, position)
+            next(again)
+            assert again.skipped_records == counts[-1], (taken, position)
+    increases = [b - a for a, b in zip([0] + counts, counts) if b != a]
+    assert len(increases) >= 2 and all(d > 0 for d in increases)  # counted anew in each epoch
+    if consumers == 1:
+        assert increases[:2] == [bad["records"]] * 2

@@ -109,7 +109,7 @@ def test_two_nodes_train_the_same_weights_as_one_node_with_two_processes(
 def test_bad_shard_records_skipped_on_every_rank_and_worker_are_counted_in_metrics_and_summary(served, tmp_path: Path) -> None:
     """2 processes x 2 loader workers stream a table over HTTP (data.bad_shards=skip) in which the first shard of reader 0
     (rank 0, worker 0) and of reader 3 (rank 1, worker 1) is corrupt: the first metrics line and the summary count the
-    records of both, skipped in two worker processes of two ranks."""
+    records of both, skipped in two worker processes of two ranks; a resumed run carries the count on."""
     from maskdiff.shards import ShardSet, write_shards
 
     root, url, _ = served
@@ -123,13 +123,18 @@ def test_bad_shard_records_skipped_on_every_rank_and_worker_are_counted_in_metri
     run = tmp_path / "run"
     res = run_train(tiny_args(tmp_path / "shards", run, "data.sources.text.weight=0", f"data.sources.tabular.dirs=['{url}/penguins']",
                               "data.bad_shards=skip", "data.workers=2", "data.shuffle_buffer=1", "data.batch_size=4", "data.heldout=0",
-                              "seed=0", "train.steps=4", "train.log_every=2", "train.checkpoint_every=4"), procs=2)
+                              "seed=0", "train.steps=4", "train.log_every=2", "train.checkpoint_every=4", "--until", "2"), procs=2)
     want = sum(entry["records"] for entry in bad)
-    assert [m["skipped_records"] for m in metrics(run, "train")] == [want, 0]  # by step 2 every worker gave a batch
+    assert [m["skipped_records"] for m in metrics(run, "train")] == [want]  # by step 2 every worker gave a batch
     assert json.loads((run / "summary.json").read_text())["skipped_records"] == want
     # each reader's own warning, printed in its worker process
     assert sorted(re.findall(r"(\d+) record\(s\) of it skipped here", res.stderr)) == sorted(str(entry["records"]) for entry in bad)
     assert f"{want} record(s) of bad shards skipped" in res.stderr
+    # resumed, each reader draws its current bucket again, its bad shard included, and does not count it twice
+    res = run_train(["--resume", str(run)], procs=2)
+    assert len(re.findall(r"record\(s\) of it skipped here", res.stderr)) == 2
+    assert [m["skipped_records"] for m in metrics(run, "train")] == [want, 0]
+    assert json.loads((run / "summary.json").read_text())["skipped_records"] == want
 
 
 # --- the loader alone (no engine) ------------------------------------------------------------

@@ -267,7 +267,8 @@ class BatchStream:
     The position holds each worker stream's state after its last batch taken
     here, and which stream comes next; resuming, DataLoader worker ``w`` continues
     stream ``(w + next) % workers``, so the turn order goes on unbroken.
-    :attr:`skipped_records` sums the bad-shard records skipped by every stream (worker).
+    :attr:`skipped_records` sums the bad-shard records skipped by every stream (worker); the position
+    keeps it, so a resumed run goes on counting from there.
     """
 
     def __init__(self, dataset: MixedBatches, workers: int) -> None:
@@ -281,7 +282,8 @@ class BatchStream:
         self.world, self.workers = world, workers
         self.next = start["next"] if start else 0
         self.streams: list[dict[str, Any] | None] = list(start["streams"]) if start else [None] * max(workers, 1)
-        self.skipped = [0] * len(self.streams)  # per stream, as of its last batch taken here
+        # bad-shard records skipped per stream, as of its last batch taken (from the beginning of the data)
+        self.skipped: list[int] = list(start.get("skipped", [0] * len(self.streams))) if start else [0] * len(self.streams)
         dataset.annotated = True
         self._it = iter(dataset) if workers == 0 else iter(DataLoader(dataset, batch_size=None, num_workers=workers, prefetch_factor=4))
 
@@ -296,12 +298,12 @@ class BatchStream:
 
     @property
     def skipped_records(self) -> int:
-        """Records of bad shards this rank's streams passed over, up to the batches taken here (since this stream
-        started: a resumed run adds what its checkpoint counted)."""
+        """Records of bad shards this rank's streams passed over, up to the batches taken (from the beginning of the data)."""
         return sum(self.skipped)
 
     def position(self) -> dict[str, Any]:
-        return {"world": self.world, "workers": self.workers, "next": self.next, "streams": list(self.streams)}
+        return {"world": self.world, "workers": self.workers, "next": self.next, "streams": list(self.streams),
+                "skipped": list(self.skipped)}
 
 
 def _world(dataset: MixedBatches) -> int:

@@ -407,7 +407,6 @@ class Trainer:
         self.resume, self.run_dir = resume, run_dir_of(self.rc)
         self.lock, self.created, self.started = RunLock(self.run_dir), False, False
         self.skipped_total = 0
-        self.skipped_records_before = 0  # bad-shard records this rank's stream skipped before the resumed checkpoint
         self.choice: Choice | None = self._on_main(lambda: self._claim(resume, overwrite, until))
         try:
             self._collective(lambda: ensure_shards(self.rc, self.log) if self.is_main else None)
@@ -537,8 +536,7 @@ class Trainer:
         (self.ckpt_dir / tag).mkdir(parents=True, exist_ok=True)
         state = {"step": step, "micro_batches": step * self.rc.deepspeed.grad_accum, "data_position": json.dumps(self.data.position()),
                  "torch_rng": torch.get_rng_state(),
-                 "generator": self.generator.get_state(), "world_size": self.world, "skipped_total": self.skipped_total,
-                 "skipped_records": self._skipped_records()}
+                 "generator": self.generator.get_state(), "world_size": self.world, "skipped_total": self.skipped_total}
         if self.device.type == "cuda":
             state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         torch.save(state, self.ckpt_dir / tag / f"rank{self.rank}.pt")
@@ -587,17 +585,12 @@ class Trainer:
         if "cuda_rng" in state and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"], self.device)
         self.skipped_total = int(state.get("skipped_total", 0))
-        self.skipped_records_before = int(state.get("skipped_records", 0))
         self.data_start = json.loads(state["data_position"]) if "data_position" in state else None
         if self.data_start is None:
             self.log(f"warning: {choice.tag} holds no data position (saved by an older version); the data stream starts afresh")
         return int(state["step"])
 
     # --- steps ------------------------------------------------------------------------------
-    def _skipped_records(self) -> int:
-        """Records of bad shards this rank's training stream (all its loader workers) skipped in the whole run."""
-        return self.skipped_records_before + self.data.skipped_records
-
     def _training_lengths(self, modality: str) -> dict[str, dict[int, int]]:
         """Length distribution of the variable-length fields of this modality's training records (all ranks' shards)."""
         every = ShardSet(self.sets[modality].dirs, rank=0, world_size=1, bad_shards=self.rc.data.bad_shards)
@@ -683,7 +676,7 @@ class Trainer:
         tally, window_time, train_time = Tally(), 0.0, 0.0
         last = {"train": {}, "eval": {}, "tps": 0.0, "mem": 0.0}
         total_tokens, skipped, in_a_row = 0, 0, 0
-        records_logged = self._skipped_records()  # this rank's count at the previous metrics line
+        records_logged = self.data.skipped_records  # bad-shard records this rank's loader skipped, at the previous metrics line
         self.started, out_of_time = True, False
         self.budget.restart()
         for step in range(start + 1, stop + 1):
@@ -704,7 +697,7 @@ class Trainer:
                 red = tally.reduced(self.device)
                 total_tokens += red.total_tokens
                 mem = _max_over_ranks(peak_memory_mb(self.device), self.device)
-                records_now = self._skipped_records()
+                records_now = self.data.skipped_records
                 skipped_records = _sum_over_ranks(records_now - records_logged, self.device)
                 records_logged = records_now
                 record = {"kind": "train", "step": step, "lr": self.scheduler.get_last_lr()[0], "loss": red.nats_per_token() if red.total_tokens else None,
@@ -734,7 +727,7 @@ class Trainer:
                                    metrics={"heldout_bits_per_token": last["eval"]}, lengths=lengths)
             if t.plots:
                 plot_metrics(self.run_dir / METRICS, self.run_dir / "plots")
-        skipped_records = _sum_over_ranks(self._skipped_records(), self.device)
+        skipped_records = _sum_over_ranks(self.data.skipped_records, self.device)  # the data position keeps it over resumes
         result = RunResult(self.run_dir, stop, finished, last["train"], last["eval"], total_tokens / max(train_time, 1e-9), last["mem"], bundle)
         if self.is_main:
             summary = {"step": stop, "finished": finished, "out_of_time": out_of_time, "processes": self.world, "train_bits_per_token": last["train"],
