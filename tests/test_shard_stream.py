@@ -2,55 +2,16 @@
 
 from __future__ import annotations
 
-import functools
-import http.server
 import shutil
 import sys
-import threading
 import tracemalloc
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 from adapter_fixtures import built
+from shard_server import corrupt_first_header, served  # noqa: F401  (served: a fixture)
 
 from maskdiff.shards import ChecksumError, ShardError, ShardSet
-
-
-class _Handler(http.server.SimpleHTTPRequestHandler):
-    """Serves a folder; a path in ``drop`` gets its full Content-Length but only that many bytes, then the connection closes."""
-
-    drop: dict[str, int] = {}
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-    def copyfile(self, source, outputfile) -> None:  # type: ignore[override]
-        cut = self.drop.get(self.path)
-        if cut is None:
-            return super().copyfile(source, outputfile)
-        outputfile.write(source.read(cut))
-        outputfile.flush()
-        self.close_connection = True
-
-
-class _Server(http.server.ThreadingHTTPServer):
-    def handle_error(self, request, client_address) -> None:  # a client that stops reading early is expected here
-        pass
-
-
-@pytest.fixture
-def served(tmp_path: Path) -> Iterator[tuple[Path, str, dict[str, int]]]:
-    """A folder, the URL it is served at, and the handler's ``drop`` table."""
-    root = tmp_path / "www"
-    root.mkdir()
-    handler = type("H", (_Handler,), {"drop": {}})
-    server = _Server(("127.0.0.1", 0), functools.partial(handler, directory=str(root)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield root, f"http://127.0.0.1:{server.server_address[1]}", handler.drop
-    server.shutdown()
-    server.server_close()
 
 
 def _ids(records) -> list[tuple[str, int]]:
@@ -92,6 +53,21 @@ def test_corrupt_shard_over_http_stops_naming_it_or_is_skipped_and_counted(serve
     assert skipped.shard == bad["file"] and skipped.read + skipped.skipped == bad["records"]
     assert len(got) == manifest["samples_written"] - skipped.skipped
     assert len(lines) == 1 and bad["file"] in lines[0] and f"{skipped.skipped} record(s)" in lines[0]
+
+
+def test_a_reader_whose_whole_share_is_bad_stops_with_one_line_instead_of_spinning(served):
+    root, url, _ = served
+    d, manifest = _copy("tabular", root)
+    bad = manifest["shards"][0]  # 4 shards for 4 readers, unshuffled: reader 0 owns this one only, in every epoch
+    corrupt_first_header(d / bad["file"])
+
+    def reader(rank: int):
+        return iter(ShardSet(f"{url}/tabular", bad_shards="skip", repeat=True, rank=rank, world_size=4, report=lambda msg: None))
+
+    with pytest.raises(ShardError, match=rf"^{url}/tabular: reader 0 of 4 \(ranks x loader workers\) read no record in epoch 0: "
+                                         rf"every shard of its share was bad and skipped \({bad['file']}\)$"):
+        next(reader(0))
+    assert next(reader(1)).meta["id"]  # the others read on
 
 
 def test_vanished_or_dropped_shard_is_one_line_naming_it(served):
@@ -196,3 +172,27 @@ def test_a_stream_restarted_at_its_position_continues_exactly(consumers):
             assert [_ids([next(again)]) for _ in range(40)] == want, (consumer, position)
             for _ in range(max(0, advance - 40)):
                 next(full)
+
+
+@pytest.mark.parametrize("consumers", [1, 7])  # each reads from every shard (7 > the 4 shards: every 7th record)
+def test_a_restarted_stream_counts_skipped_records_as_the_uninterrupted_one(consumers, tmp_path):
+    out, manifest = built("tabular")
+    shutil.copytree(out, tmp_path / "tabular")
+    bad = manifest["shards"][1]
+    corrupt_first_header(tmp_path / "tabular" / bad["file"])
+    shards = ShardSet(tmp_path / "tabular", shuffle_buffer=30, seed=5, repeat=True, bad_shards="skip", report=lambda msg: None)
+    good = (manifest["samples_written"] - bad["records"]) // consumers
+    full = shards.stream(0, consumers)
+    counts = []
+    for taken in range(2 * good + 10):  # into the third epoch; windows of 30 cut across the bad shard's slots
+        position = dict(full.position)
+        next(full)
+        counts.append(full.skipped_records)
+        if taken % 7 == 0:
+            again = shards.stream(0, consumers, position)
+            next(again)
+            assert again.skipped_records == counts[-1], (taken, position)
+    increases = [b - a for a, b in zip([0] + counts, counts) if b != a]
+    assert len(increases) >= 2 and all(d > 0 for d in increases)  # counted anew in each epoch
+    if consumers == 1:
+        assert increases[:2] == [bad["records"]] * 2

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
 import math
+import re
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
-from training_support import TINY, metrics, run_train, tensorboard_scalars, tiny_args, tiny_shard_root, weights
+from adapter_fixtures import PENGUINS
+from shard_server import corrupt_first_header, served  # noqa: F401  (served: a fixture)
+from training_support import TINY, metrics, run_train, run_two_nodes, tensorboard_scalars, tiny_args, tiny_shard_root, weights
 
 pytestmark = pytest.mark.slow
 STEPS = ["train.steps=40", "train.log_every=5", "train.eval_every=10", "train.checkpoint_every=20"]
@@ -65,21 +70,77 @@ def test_run_outputs(one_process: Path) -> None:
     assert (one_process / "checkpoints" / "latest").read_text().strip() == "step00000040"
 
 
-def test_two_processes_gloo_zero2_matches_zero0(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+SHORT = ["train.steps=8", "train.log_every=4", "train.eval_every=8", "train.checkpoint_every=8"]
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An 8-step run of the tiny config by one node with two processes (torchrun, gloo, ZeRO 0)."""
+    run = tmp_path_factory.mktemp("two") / "zero0"
+    res = run_train(tiny_args(tiny_shard_root(tmp_path_factory), run, *SHORT, "deepspeed.zero_stage=0"), procs=2)
+    assert "2 process(es)" in res.stderr
+    return run
+
+
+def test_two_processes_gloo_zero2_matches_zero0(two_processes: Path, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
     """2 ranks: each trains on its own part of the data; ZeRO-2 gives ZeRO-0's weights."""
-    shards = tiny_shard_root(tmp_path_factory)
-    short = ["train.steps=8", "train.log_every=4", "train.eval_every=8", "train.checkpoint_every=8"]
-    runs = {}
-    for stage in (0, 2):
-        runs[stage] = tmp_path / f"zero{stage}"
-        res = run_train(tiny_args(shards, runs[stage], *short, f"deepspeed.zero_stage={stage}"), procs=2)
-        assert "2 process(es)" in res.stderr
-    train = metrics(runs[2], "train")
+    zero2 = tmp_path / "zero2"
+    res = run_train(tiny_args(tiny_shard_root(tmp_path_factory), zero2, *SHORT, "deepspeed.zero_stage=2"), procs=2)
+    assert "2 process(es)" in res.stderr
+    train = metrics(zero2, "train")
     assert all(math.isfinite(m["loss"]) for m in train) and set(train[-1]["bits_per_token"]) == {"text", "tabular"}
-    a, b = weights(runs[0]), weights(runs[2])
+    a, b = weights(two_processes), weights(zero2)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
-    assert sorted(p.name for p in (runs[2] / "checkpoints" / "step00000008").glob("rank*.pt")) == ["rank0.pt", "rank1.pt"]
+    assert sorted(p.name for p in (zero2 / "checkpoints" / "step00000008").glob("rank*.pt")) == ["rank0.pt", "rank1.pt"]
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
+def test_two_nodes_train_the_same_weights_as_one_node_with_two_processes(
+        launcher: str, two_processes: Path, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Two one-process "nodes" on localhost (torchrun --nnodes 2, or the DeepSpeed launcher with a two-host hostfile)
+    form the same two ranks as one node with two processes: the same data split and gradient sums, bit for bit."""
+    nodes = tmp_path / "nodes"
+    errs = run_two_nodes(tiny_args(tiny_shard_root(tmp_path_factory), nodes, *SHORT, "deepspeed.zero_stage=0"), launcher, tmp_path)
+    assert "2 process(es)" in errs[0]  # rank 0 is on node 0 and says how many processes joined
+    a, b = weights(two_processes), weights(nodes)
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} of {len(a)} tensors differ, e.g. {different[0]}"
+    curves = [[(m["kind"], m["step"], m.get("loss"), m["bits_per_token"]) for m in metrics(run)] for run in (nodes, two_processes)]
+    assert curves[0] == curves[1]
+    assert sorted(p.name for p in (nodes / "checkpoints" / "step00000008").glob("rank*.pt")) == ["rank0.pt", "rank1.pt"]
+
+
+def test_bad_shard_records_skipped_on_every_rank_and_worker_are_counted_in_metrics_and_summary(served, tmp_path: Path) -> None:
+    """2 processes x 2 loader workers stream a table over HTTP (data.bad_shards=skip) in which the first shard of reader 0
+    (rank 0, worker 0) and of reader 3 (rank 1, worker 1) is corrupt: the first metrics line and the summary count the
+    records of both, skipped in two worker processes of two ranks; a resumed run carries the count on."""
+    from maskdiff.shards import ShardSet, write_shards
+
+    root, url, _ = served
+    manifest = write_shards("tabular", [PENGUINS], root / "penguins", shard_size=20, bins=16, progress=False)
+    ends = list(itertools.accumulate(entry["records"] for entry in manifest["shards"]))
+    shard_of = {r.meta["id"]: bisect.bisect_right(ends, k) for k, r in enumerate(ShardSet(root / "penguins"))}  # unshuffled: in order
+    readers = ShardSet(root / "penguins", shuffle_buffer=1, seed=0)  # as the run reads it: shard order shuffled with the seed
+    bad = [manifest["shards"][shard_of[next(readers.stream(k, 4)).meta["id"]]] for k in (0, 3)]
+    for entry in bad:
+        corrupt_first_header(root / "penguins" / entry["file"])
+    run = tmp_path / "run"
+    res = run_train(tiny_args(tmp_path / "shards", run, "data.sources.text.weight=0", f"data.sources.tabular.dirs=['{url}/penguins']",
+                              "data.bad_shards=skip", "data.workers=2", "data.shuffle_buffer=1", "data.batch_size=4", "data.heldout=0",
+                              "seed=0", "train.steps=4", "train.log_every=2", "train.checkpoint_every=4", "--until", "2"), procs=2)
+    want = sum(entry["records"] for entry in bad)
+    assert [m["skipped_records"] for m in metrics(run, "train")] == [want]  # by step 2 every worker gave a batch
+    assert json.loads((run / "summary.json").read_text())["skipped_records"] == want
+    # each reader's own warning, printed in its worker process
+    assert sorted(re.findall(r"(\d+) record\(s\) of it skipped here", res.stderr)) == sorted(str(entry["records"]) for entry in bad)
+    assert f"{want} record(s) of bad shards skipped" in res.stderr
+    # resumed, each reader draws its current bucket again, its bad shard included, and does not count it twice
+    res = run_train(["--resume", str(run)], procs=2)
+    assert len(re.findall(r"record\(s\) of it skipped here", res.stderr)) == 2
+    assert [m["skipped_records"] for m in metrics(run, "train")] == [want, 0]
+    assert json.loads((run / "summary.json").read_text())["skipped_records"] == want
 
 
 # --- the loader alone (no engine) ------------------------------------------------------------

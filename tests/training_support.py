@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -51,6 +52,38 @@ def run_train(args: list[str], *, procs: int = 1, check: bool = True, timeout: i
     if check and res.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {res.returncode}:\n{res.stderr[-4000:]}")
     return res
+
+
+def run_two_nodes(args: list[str], launcher: str, workdir: Path, timeout: int = 300) -> list[str]:
+    """``tools/train.py ARGS`` as two one-process "nodes" on this machine, started side by side and meeting at one
+    free localhost port; returns each node's stderr. ``launcher``: ``torchrun`` (``--nnodes 2 --node_rank R``) or
+    ``deepspeed`` (a two-host hostfile, each node started with ``--no_ssh --node_rank R``)."""
+    port = free_port()
+    if launcher == "torchrun":
+        node = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                "--master_addr", "127.0.0.1", "--master_port", str(port), "--node_rank"]
+    elif launcher == "deepspeed":
+        hostfile = workdir / "hostfile"
+        hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
+        node = [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--no_ssh",
+                "--master_addr", "127.0.0.1", "--master_port", str(port), "--node_rank"]
+    else:
+        raise ValueError(f"launcher {launcher!r}: torchrun or deepspeed")
+    nodes = [subprocess.Popen(node + [str(rank)] + TRAIN[1:] + args + ["--no-progress"], cwd=ROOT, env=env(), text=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True) for rank in (0, 1)]
+    errs = []
+    try:
+        for rank, p in enumerate(nodes):
+            _, err = p.communicate(timeout=timeout)
+            errs.append(err)
+            if p.returncode != 0:
+                raise AssertionError(f"{launcher} node {rank} exited {p.returncode}:\n{err[-4000:]}")
+    finally:
+        for p in nodes:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)  # the node's launcher and its worker
+                p.wait()
+    return errs
 
 
 def tiny_args(shards: Path, run_dir: Path, *overrides: str) -> list[str]:

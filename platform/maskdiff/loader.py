@@ -166,7 +166,7 @@ class MixedBatches(IterableDataset):
         self.sets, self.probs = sets, np.array([weights[m] / total for m in self.mods])
         self.spec, self.limits, self.bucket, self.max_len = spec, limits, bucket, max_len
         self.heldout, self.seed, self.rank, self.start = heldout, seed, rank, start
-        self.with_positions = False  # set by BatchStream: yield (batch, position) pairs
+        self.annotated = False  # set by BatchStream: yield (batch, position, skipped records) triples
         self.pack = pack
         if not all(sets[m].repeat for m in self.mods):
             raise ValueError("MixedBatches needs endless sources (ShardSet(..., repeat=True))")
@@ -176,11 +176,12 @@ class MixedBatches(IterableDataset):
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         k = (wid + (self.start["next"] if self.start else 0)) % nw  # the stream this worker continues (see BatchStream)
         state = self.start["streams"][k] if self.start else None
-        for batch, position in self._stream(k, nw, state):
-            yield (batch, position) if self.with_positions else batch
+        for batch, position, skipped in self._stream(k, nw, state):
+            yield (batch, position, skipped) if self.annotated else batch
 
-    def _stream(self, k: int, nw: int, state: dict[str, Any] | None) -> Iterator[tuple[Batch, dict[str, Any]]]:
-        """Stream ``k`` of ``nw`` of this rank, each batch with the position after it.
+    def _stream(self, k: int, nw: int, state: dict[str, Any] | None) -> Iterator[tuple[Batch, dict[str, Any], int]]:
+        """Stream ``k`` of ``nw`` of this rank, each batch with the position after it and the records of bad
+        shards this stream has skipped so far (``data.bad_shards=skip``).
 
         The position is the state at the start of the current bucket (mixing RNG, records and tokens seen
         per modality, each modality's :class:`~maskdiff.shards.ShardStream` position) and the number of
@@ -198,6 +199,10 @@ class MixedBatches(IterableDataset):
             rank, world = self.sets[m].ranks()
             streams[m] = self.sets[m].stream(rank * nw + k, world * nw, starts[m])
         records_of = {m: (r for r in streams[m] if not is_heldout(r, self.heldout)) for m in self.mods}
+
+        def skipped() -> int:  # bad-shard records this stream's readers passed over so far
+            return sum(s.skipped_records for s in streams.values())
+
         while True:
             at_start = {"rng": rng.bit_generator.state, "seen": {m: list(v) for m, v in seen.items()},
                         "streams": {m: dict(streams[m].position) for m in self.mods}}
@@ -217,7 +222,7 @@ class MixedBatches(IterableDataset):
                 budgets += 1
             for i, j in enumerate(rng.permutation(len(chunks))):
                 if i >= skip:
-                    yield self.collate(chunks[j]), {**at_start, "yielded": i + 1}
+                    yield self.collate(chunks[j]), {**at_start, "yielded": i + 1}, skipped()
             skip = 0
 
     def _cut(self, records: list[Record], final: bool) -> list[list[Record]] | list[list[list[Record]]] | None:
@@ -262,6 +267,8 @@ class BatchStream:
     The position holds each worker stream's state after its last batch taken
     here, and which stream comes next; resuming, DataLoader worker ``w`` continues
     stream ``(w + next) % workers``, so the turn order goes on unbroken.
+    :attr:`skipped_records` sums the bad-shard records skipped by every stream (worker); the position
+    keeps it, so a resumed run goes on counting from there.
     """
 
     def __init__(self, dataset: MixedBatches, workers: int) -> None:
@@ -275,20 +282,28 @@ class BatchStream:
         self.world, self.workers = world, workers
         self.next = start["next"] if start else 0
         self.streams: list[dict[str, Any] | None] = list(start["streams"]) if start else [None] * max(workers, 1)
-        dataset.with_positions = True
+        # bad-shard records skipped per stream, as of its last batch taken (from the beginning of the data)
+        self.skipped: list[int] = list(start.get("skipped", [0] * len(self.streams))) if start else [0] * len(self.streams)
+        dataset.annotated = True
         self._it = iter(dataset) if workers == 0 else iter(DataLoader(dataset, batch_size=None, num_workers=workers, prefetch_factor=4))
 
     def __iter__(self) -> BatchStream:
         return self
 
     def __next__(self) -> Batch:
-        batch, position = next(self._it)
-        self.streams[self.next] = position
+        batch, position, skipped = next(self._it)
+        self.streams[self.next], self.skipped[self.next] = position, skipped
         self.next = (self.next + 1) % len(self.streams)
         return batch
 
+    @property
+    def skipped_records(self) -> int:
+        """Records of bad shards this rank's streams passed over, up to the batches taken (from the beginning of the data)."""
+        return sum(self.skipped)
+
     def position(self) -> dict[str, Any]:
-        return {"world": self.world, "workers": self.workers, "next": self.next, "streams": list(self.streams)}
+        return {"world": self.world, "workers": self.workers, "next": self.next, "streams": list(self.streams),
+                "skipped": list(self.skipped)}
 
 
 def _world(dataset: MixedBatches) -> int:

@@ -130,6 +130,15 @@ class SkippedShard:
     read: int
 
 
+@dataclass(frozen=True)
+class LostSlots:
+    """A stream's slots ``first .. first + skip.skipped - 1`` of ``epoch`` that a bad shard took."""
+
+    epoch: int
+    first: int
+    skip: SkippedShard
+
+
 class ShardSet(IterableDataset):
     """Stream :class:`Record` objects from one or several shard directories (local folders or URLs).
 
@@ -224,12 +233,14 @@ class ShardSet(IterableDataset):
         """Records shuffled together, and so held at once: the shuffle buffer (1 without shuffling)."""
         return max(self.shuffle_buffer, 1)
 
-    def _slots(self, consumer: int, consumers: int, epoch: int, first: int) -> Iterator[tuple[int, Record]]:
+    def _slots(self, consumer: int, consumers: int, epoch: int, first: int,
+               lost: list[LostSlots] | None = None) -> Iterator[tuple[int, Record]]:
         """``(slot, record)`` of one consumer in one epoch, from slot ``first`` on: slot k is the consumer's k-th record.
 
         The epoch's shard order is shuffled with (seed, epoch); a consumer owns every n-th shard, or, with fewer
         shards than consumers, every n-th record. Starting at a slot skips whole shards unread and the head of one
-        shard undecoded, so it costs at most one shard's bytes, whatever the slot.
+        shard undecoded, so it costs at most one shard's bytes, whatever the slot. The slots of bad shards
+        passed over are appended to ``lost`` (the calling stream's own list).
         """
         shards = list(self.shards)
         if self.shuffle_buffer > 0:
@@ -253,14 +264,20 @@ class ShardSet(IterableDataset):
             except ShardError as e:
                 if self.bad_shards != "skip":
                     raise
-                self._skip(entry, e, range(base + read, base + n), None if by_shard else (consumer, consumers), read)
+                # this reader's unread records of the shard: all of them, or its every n-th; their slots are consecutive
+                j = base + read if by_shard else base + read + (consumer - base - read) % consumers
+                count = len(range(j, base + n, 1 if by_shard else consumers))
+                skip = self._skip(entry, e, count, read)
+                if lost is not None and count:
+                    lost.append(LostSlots(epoch, j if by_shard else j // consumers, skip))
             base += n
 
-    def _skip(self, entry: dict[str, Any], err: ShardError, lost: range, share: tuple[int, int] | None, read: int) -> None:
-        """Count this reader's records lost to a bad shard (all of them, or its every n-th) and report it."""
-        skipped = len(lost) if share is None else sum(1 for k in lost if k % share[1] == share[0])
-        self.skipped.append(SkippedShard(entry["file"], str(err), skipped, read))
+    def _skip(self, entry: dict[str, Any], err: ShardError, skipped: int, read: int) -> SkippedShard:
+        """Record and report this reader's ``skipped`` records lost to a bad shard."""
+        skip = SkippedShard(entry["file"], str(err), skipped, read)
+        self.skipped.append(skip)
         self.report(f"warning: bad shard skipped: {err}; {skipped} record(s) of it skipped here, {read} read before the problem showed")
+        return skip
 
     def _read_shard(self, i: int, modality: str, entry: dict[str, Any], keep: Callable[[int], bool]) -> Iterator[tuple[int, Record]]:
         """``(index in the shard, record)`` for the indices ``keep`` accepts; the others are streamed past undecoded."""
@@ -349,16 +366,33 @@ class ShardStream:
 
     A consumer's records of an epoch are cut into windows of :attr:`ShardSet.window`
     slots; each window is read whole and handed out in an order shuffled with
-    (seed, epoch, consumer, window). ``position`` — ``{"epoch", "window", "taken"}``,
-    plain ints — says where the next record comes from, so a stream started at a
-    saved position continues exactly where the saved one stopped, after reading at
-    most one shard's head and one window, however far into the data it is.
+    (seed, epoch, consumer, window). ``position`` — ``{"epoch", "window", "taken",
+    "skipped"}``, plain ints — says where the next record comes from, so a stream
+    started at a saved position continues exactly where the saved one stopped, after
+    reading at most one shard's head and one window, however far into the data it is.
+
+    :attr:`skipped_records` counts the records of bad shards passed over
+    (``bad_shards="skip"``), each epoch anew; a window is read before its records are
+    handed out, so its bad shards count from then on. ``position["skipped"]`` is
+    the count before the window, which a restarted stream reads (and counts) again:
+    restarted or not, a stream gives the same counts.
     """
 
     def __init__(self, shards: ShardSet, consumer: int, consumers: int, position: dict[str, int] | None = None) -> None:
         self.shards, self.consumer, self.consumers = shards, consumer, consumers
-        self.position = dict(position) if position else {"epoch": shards.epoch, "window": 0, "taken": 0}
-        self._records = self._run(**self.position)
+        self.position = {"epoch": shards.epoch, "window": 0, "taken": 0, "skipped": 0, **(position or {})}
+        self._settled = self.position["skipped"]  # skipped records before the start, and in finished epochs
+        self._lost: list[LostSlots] = []  # this epoch's
+        self._records = self._run(self.position["epoch"], self.position["window"], self.position["taken"])
+
+    @property
+    def skipped_records(self) -> int:
+        """Records of bad shards this stream has passed over (its share of them), from the beginning of the data."""
+        return self._settled + sum(lost.skip.skipped for lost in self._lost)
+
+    def _skipped_before(self, slot: int) -> int:
+        """:attr:`skipped_records` of the slots before ``slot`` of the current epoch."""
+        return self._settled + sum(min(lost.skip.skipped, max(0, slot - lost.first)) for lost in self._lost)
 
     def __iter__(self) -> ShardStream:
         return self
@@ -369,16 +403,30 @@ class ShardStream:
     def _run(self, epoch: int, window: int, taken: int) -> Iterator[Record]:
         s, size = self.shards, self.shards.window
         while True:
-            for w, recs in _windows(s._slots(self.consumer, self.consumers, epoch, window * size), size):
+            given = 0
+            for w, recs in _windows(s._slots(self.consumer, self.consumers, epoch, window * size, self._lost), size):
                 order = list(range(len(recs)))
                 if s.shuffle_buffer > 0:
                     random.Random(hash((s.seed, epoch, self.consumer, w))).shuffle(order)
+                before = self._skipped_before(w * size)
                 for k in range(taken if w == window else 0, len(order)):
-                    self.position = {"epoch": epoch, "window": w, "taken": k + 1}
+                    self.position = {"epoch": epoch, "window": w, "taken": k + 1, "skipped": before}
+                    given += 1
                     yield recs[order[k]]
             if not s.repeat:
                 return
+            if not given and window == taken == 0:  # a whole epoch gave nothing: repeating it would spin forever
+                raise ShardError(self._nothing_to_read(epoch))
+            self._settled, self._lost = self.skipped_records, []
             epoch, window, taken = epoch + 1, 0, 0
+
+    def _nothing_to_read(self, epoch: int) -> str:
+        s = self.shards
+        where = ", ".join(map(str, s.locations))
+        bad = sorted({lost.skip.shard for lost in self._lost})
+        why = (f"every shard of its share was bad and skipped ({', '.join(bad)})" if bad else
+               f"its share is empty ({s.num_records} records over {self.consumers} readers)")
+        return f"{where}: reader {self.consumer} of {self.consumers} (ranks x loader workers) read no record in epoch {epoch}: {why}"
 
 
 def _windows(slots: Iterator[tuple[int, Record]], size: int) -> Iterator[tuple[int, list[Record]]]:

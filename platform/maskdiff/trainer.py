@@ -259,12 +259,21 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def _max_over_ranks(value: float, device: torch.device) -> float:
+def _over_ranks(value: float, device: torch.device, op: dist.ReduceOp) -> float:
+    """``value`` reduced over all ranks by ``op`` (every rank must call it)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return value
     t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    dist.all_reduce(t, op=op)
     return float(t)
+
+
+def _max_over_ranks(value: float, device: torch.device) -> float:
+    return _over_ranks(value, device, dist.ReduceOp.MAX)
+
+
+def _sum_over_ranks(value: int, device: torch.device) -> int:
+    return round(_over_ranks(float(value), device, dist.ReduceOp.SUM))
 
 
 class MetricsLog:
@@ -676,6 +685,7 @@ class Trainer:
         tally, window_time, train_time = Tally(), 0.0, 0.0
         last = {"train": {}, "eval": {}, "tps": 0.0, "mem": 0.0}
         total_tokens, skipped, in_a_row = 0, 0, 0
+        records_logged = self.data.skipped_records  # bad-shard records this rank's loader skipped, at the previous metrics line
         self.started, out_of_time = True, False
         self.budget.restart()
         for step in range(start + 1, stop + 1):
@@ -696,10 +706,13 @@ class Trainer:
                 red = tally.reduced(self.device)
                 total_tokens += red.total_tokens
                 mem = _max_over_ranks(peak_memory_mb(self.device), self.device)
+                records_now = self.data.skipped_records
+                skipped_records = _sum_over_ranks(records_now - records_logged, self.device)
+                records_logged = records_now
                 record = {"kind": "train", "step": step, "lr": self.scheduler.get_last_lr()[0], "loss": red.nats_per_token() if red.total_tokens else None,
                           "bits_per_token": red.bits_per_token(), "tokens": red.token_counts(), "tokens_per_s": red.total_tokens / elapsed,
                           "padding": 1.0 - red.total_tokens / max(1, red.positions), "peak_mem_mb": mem, "w": self.model.w_stats(),
-                          "skipped_steps": skipped}
+                          "skipped_steps": skipped, "skipped_records": skipped_records}
                 metrics.write(record)
                 last.update(train=record["bits_per_token"], tps=record["tokens_per_s"], mem=mem)
                 self._report(bar, step, stop, record)
@@ -724,11 +737,13 @@ class Trainer:
                                    metrics={"heldout_bits_per_token": last["eval"]}, lengths=lengths)
             if t.plots:
                 plot_metrics(self.run_dir / METRICS, self.run_dir / "plots")
+        skipped_records = _sum_over_ranks(self.data.skipped_records, self.device)  # the data position keeps it over resumes
         result = RunResult(self.run_dir, stop, finished, last["train"], last["eval"], total_tokens / max(train_time, 1e-9), last["mem"], bundle)
         if self.is_main:
             summary = {"step": stop, "finished": finished, "out_of_time": out_of_time, "processes": self.world, "train_bits_per_token": last["train"],
                        "heldout_bits_per_token": last["eval"], "tokens_per_s": result.tokens_per_s, "peak_mem_mb": last["mem"],
-                       "parameters": n_params, "w": self.model.w_stats(), "skipped_steps": self.skipped_total}
+                       "parameters": n_params, "w": self.model.w_stats(), "skipped_steps": self.skipped_total,
+                       "skipped_records": skipped_records}
             (self.run_dir / SUMMARY).write_text(json.dumps(summary, indent=1) + "\n")
             which, bits = ("held-out", last["eval"]) if last["eval"] else ("training", last["train"])  # no held-out split: say so
             self.log(f"{'done' if finished else 'stopped'} at step {stop}: {which} bits/token "
@@ -752,6 +767,8 @@ class Trainer:
             line = f"step {step}/{stop} loss {loss} nats/token | bits/token {bits} | {record['tokens_per_s']:,.0f} tok/s"
             if record["skipped_steps"]:
                 line += f" | {record['skipped_steps']} step(s) skipped: not finite"
+            if record["skipped_records"]:
+                line += f" | {record['skipped_records']} record(s) of bad shards skipped"
             if record["w"]:
                 line += " | w " + " ".join(f"{m} {s['mean']:.3f}" for m, s in record["w"].items())
         else:

@@ -15,6 +15,9 @@ examples:
   torchrun --nproc_per_node 2 tools/train.py --config configs/joint.yaml
   deepspeed --num_gpus 2 tools/train.py --config configs/joint.yaml
 
+  # several nodes (on each, R = its rank; SLURM and hostfile forms: docs/training.md)
+  torchrun --nnodes 2 --node_rank R --nproc_per_node 8 --master_addr node1 --master_port 29500 tools/train.py --config configs/joint.yaml
+
 A run writes runs/<name>/ (config.yaml, metrics.jsonl, checkpoints/, bundle/,
 plots/, summary.json); an existing run directory is only replaced with
 --overwrite. Exit status: 0 done, 2 a problem with the config or the data
