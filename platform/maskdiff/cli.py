@@ -207,8 +207,8 @@ def open_bundle(path: str | Path, modality: str | None = None, device: str = "cp
     if not p.exists():
         raise UserError(f"{p}: no such bundle directory (train one with tools/train.py; it writes runs/<name>/bundle)")
     bundle = load_bundle(p, device=device)
-    if modality is not None and modality not in bundle.adapters:
-        raise UserError(f"{p}: the model was not trained on {modality} data; its modalities are {', '.join(sorted(bundle.adapters))}")
+    if modality is not None and modality not in bundle.modalities:
+        raise UserError(f"{p}: the model was not trained on {modality} data; its modalities are {', '.join(bundle.modalities)}")
     return bundle
 
 

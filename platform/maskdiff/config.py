@@ -131,7 +131,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
     plots: bool = True
     # classifier-free guidance: per example, drop each of these conditioning fields (support
-    # names, e.g. pixels/label) with this probability, so one model learns p(x | c) and p(x)
+    # names, e.g. pixels/label; protein/PE also names protein/<data set>/PE of every FASTA data set)
+    # with this probability, so one model learns p(x | c) and p(x)
     condition_dropout: float = 0.0
     condition_fields: List[str] = field(default_factory=list)
 
