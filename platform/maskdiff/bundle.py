@@ -63,6 +63,7 @@ class Bundle:
 
     @property
     def modalities(self) -> list[str]:
+        """The modalities the model learned (a modality may hold several data sets: :meth:`adapter`)."""
         return sorted({a.modality for a in self.adapters.values()})
 
     def adapter(self, modality: str, dataset: str | None = None) -> Adapter:

@@ -28,7 +28,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
-from maskdiff.adapters import Adapter, InputError, adapter_from_state
+from maskdiff.adapters import Adapter, InputError, adapter_class, adapter_from_state
 from maskdiff.tokens import MISSING, MODALITIES, Record, VocabMismatchError, VocabSpec, source_key
 
 from .shard_format import FORMAT, MANIFEST, READABLE_VERSIONS, ChecksumError, ShardError, decode_sample
@@ -177,8 +177,8 @@ class ShardSet(IterableDataset):
             mod, fp, key = m["modality"], m["adapter"]["fingerprint"], _key_of(loc, m)
             if key in fingerprints and fingerprints[key][0] != fp:
                 first = fingerprints[key][1]
-                raise VocabMismatchError(f"{loc}: its {mod} adapter state differs from that of {first}; shard it with --state-from {first} "
-                                         f"(the same data set) or with its own --name (another data set)")
+                other = " (the same data set) or with its own --name (another data set)" if adapter_class(mod).namespaced else ""
+                raise VocabMismatchError(f"{loc}: its {mod} adapter state differs from that of {first}; shard it with --state-from {first}{other}")
             own = _vocab_of(loc.url(MANIFEST), m)
             self.sizes.append({sup.name: sup.size for sup in own.supports})
             self.keys.append(key)

@@ -18,8 +18,11 @@ columns, a FASTA file's header fields): :func:`source_key`. So two tables that
 share a column name keep apart (``tabular/adult/col:sex``,
 ``tabular/penguins/col:sex``), while supports that every data set of a
 modality shares (residues, pixel intensities, text pieces) are named by the
-modality alone. Supports written before data sets were named have no data set
-part (``tabular/col:sex``); they are read as they are.
+modality alone. The data set is the shard set's name, as its manifest records
+it (``tools/shard.py --name``, or the directory's name when a run configuration
+builds it; the default name, the modality, adds none), kept in the adapter's
+state. Supports written before data sets were named have no data set part
+(``tabular/col:sex``); they are read as they are.
 """
 
 from __future__ import annotations
