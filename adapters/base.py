@@ -14,6 +14,13 @@ objects and back. Its life cycle:
 * ``supports()`` names the local vocabularies, ``state()``/``from_state()``
   persist the adapter, ``describe()`` summarises it for the manifest.
 
+Adapters whose supports are fitted on one data set (``namespaced``: table
+columns, FASTA header fields) take a ``dataset`` option, the name of the shard
+set they were fitted for, and name those supports under it
+(:func:`maskdiff.tokens.source_key`); the adapter's :attr:`Adapter.key` is that
+prefix, and is how a run with several data sets of one modality tells their
+adapters apart.
+
 Fatal problems with the user's input (a missing or empty file, a file that is
 not of the expected format at all) raise :class:`InputError`, whose message
 names the file and the cause.
@@ -32,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Iterable, Iterator, Sequence, Union
 
-from maskdiff.tokens import MISSING, Record, Support
+from maskdiff.tokens import MISSING, Record, Support, source_key
 
 OTHER = "<other>"  # decoded value of the other/unseen bucket of a category vocabulary
 
@@ -78,9 +85,19 @@ class Adapter(ABC):
     modality: ClassVar[str]
     name: ClassVar[str]
     options_spec: ClassVar[tuple[Option, ...]] = ()
+    namespaced: ClassVar[bool] = False  # takes a ``dataset`` option naming its fitted supports
 
     def __init__(self, **options: Any) -> None:
         self.options: dict[str, Any] = options
+
+    @property
+    def key(self) -> str:
+        """The source this adapter encodes: its modality, or ``<modality>/<dataset>`` (the prefix of its own supports)."""
+        return source_key(self.modality, self.options.get("dataset"))
+
+    def support_name(self, local: str) -> str:
+        """The name of one of this adapter's data-set supports (a column, a header field)."""
+        return f"{self.key}/{local}"
 
     # --- reading and fitting ----------------------------------------------------
     @abstractmethod

@@ -16,7 +16,10 @@ Headers are kept in ``meta``: ``id``, ``description`` and the parsed
 ``KEY=value`` pairs (``OS``, ``OX``, ``GN``, ``PE``, ...); ``KEY=value`` pairs
 of other headers (``;``- or space-separated, as gene callers write them) too.
 Header keys named in ``condition`` become conditioning fields of shape ``(1,)``
-with their own support ``protein/<KEY>``, fitted categories (at most
+with their own support ``protein/<dataset>/<KEY>`` (``<dataset>``: the name of
+the shard set it was fitted for, see :mod:`maskdiff.tokens`; ``protein/<KEY>``
+without one), so FASTA sources with different header fields or values train
+together while all share the residues, fitted categories (at most
 ``max_categories``, the most frequent; other values share an *other*
 bucket, or reject the record with ``unseen=reject``) and MISSING where a header lacks the key. ``condition=auto``
 picks those of OS, OX, PE present in any record.
@@ -59,6 +62,7 @@ def parse_header(record_id: str, description: str) -> dict[str, str]:
 class ProteinAdapter(Adapter):
     modality = "protein"
     name = "protein-fasta"
+    namespaced = True
     options_spec = (
         Option("length_policy", "sequences longer than --max-len: crop to the first --max-len residues (recorded in meta) or reject (default crop)", str, ("crop", "reject")),
         Option("stop", "a terminal '*' stop symbol: strip it (recorded in meta) or reject the record (default strip)", str, ("strip", "reject")),
@@ -67,7 +71,8 @@ class ProteinAdapter(Adapter):
         Option("unseen", "a value that is not a kept category (unseen when fitting, or beyond the cap): map it to the 'other' bucket or reject the record (default other)", str, ("other", "reject")),
     )
 
-    def __init__(self, max_len: int = 1024, length_policy: str = "crop", stop: str = "strip", condition: str = "auto", max_categories: int = 1000, unseen: str = "other") -> None:
+    def __init__(self, max_len: int = 1024, length_policy: str = "crop", stop: str = "strip", condition: str = "auto", max_categories: int = 1000, unseen: str = "other",
+                 dataset: str | None = None) -> None:
         super().__init__(**options_from(locals()))
         if max_len < 1:
             raise InputError(f"--max-len {max_len}: must be at least 1")
@@ -157,7 +162,7 @@ class ProteinAdapter(Adapter):
         tokens = _LUT[np.frombuffer(seq.encode("ascii"), dtype=np.uint8)]
         fields = [Field("sequence", RESIDUE, tokens)]
         for key, vocab in self.vocabs.items():
-            fields.append(Field(key, f"protein/{key}", np.array([vocab.encode(header.get(key), key)])))
+            fields.append(Field(key, self.support_name(key), np.array([vocab.encode(header.get(key), key)])))
         meta.update(id=raw["id"], description=raw["description"], header=header)
         return Record(fields, meta)
 
@@ -172,7 +177,7 @@ class ProteinAdapter(Adapter):
     def supports(self) -> list[Support]:
         if self.vocabs is None:
             raise RuntimeError("protein adapter is not fitted")
-        return [Support(RESIDUE, "protein", len(ALPHABET))] + [Support(f"protein/{k}", "protein", v.size) for k, v in self.vocabs.items()]
+        return [Support(RESIDUE, "protein", len(ALPHABET))] + [Support(self.support_name(k), "protein", v.size) for k, v in self.vocabs.items()]
 
     # --- persistence ----------------------------------------------------------------
     def _fitted_state(self, root_dir: str | Path | None) -> dict[str, Any]:

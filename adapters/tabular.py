@@ -1,7 +1,11 @@
 """Tabular: CSV or Parquet rows through pyarrow, one field per column.
 
 Each column becomes a field ``col:<name>`` of shape ``(1,)`` with its own
-support ``tabular/col:<name>``. A null or empty cell (and any of ``na_values``,
+support ``tabular/<dataset>/col:<name>``, ``<dataset>`` being the name of the
+shard set the columns were fitted for (``tools/shard.py --name``, or the shard
+directory's name when a run configuration builds it), so tables that share a
+column name train together; without a data set name (and in shard sets made
+before there was one) the support is ``tabular/col:<name>``. A null or empty cell (and any of ``na_values``,
 by default ``NA,N/A,?,NaN,null,NULL``) is *missing*: local id MISSING (-1),
 not a token.
 
@@ -141,6 +145,7 @@ class NumericBins:
 class TabularAdapter(Adapter):
     modality = "tabular"
     name = "tabular-quantile"
+    namespaced = True
     options_spec = (
         Option("bins", "quantile bins per numeric column (default: about sqrt(observed cells), 16 to 64)", int, metavar="N"),
         Option("categorical", "columns to treat as categorical, comma-separated", str, metavar="COLS"),
@@ -158,7 +163,8 @@ class TabularAdapter(Adapter):
 
     def __init__(self, bins: int | None = None, categorical: str | None = None, numeric: str | None = None, drop: str | None = None,
                  passthrough: str | None = None, free_text: int = 100, na_values: str = DEFAULT_NA, delimiter: str = ",",
-                 max_categories: int = 1000, unseen: str = "other", numeric_decode: str = "median", seed: int = 0) -> None:
+                 max_categories: int = 1000, unseen: str = "other", numeric_decode: str = "median", seed: int = 0,
+                 dataset: str | None = None) -> None:
         super().__init__(**options_from(locals()))
         if bins is not None and bins < 1:
             raise InputError(f"--bins {bins}: must be at least 1")
@@ -277,7 +283,7 @@ class TabularAdapter(Adapter):
                 local = MISSING if value is None else _number_token(col, name, value)
             else:
                 local = col.encode(None if value is None else _cell_text(value), f"column {name!r}: category")
-            fields.append(Field(f"col:{name}", f"tabular/col:{name}", np.array([local])))
+            fields.append(Field(f"col:{name}", self.column_support(name), np.array([local])))
         return Record(fields, {})
 
     def decode(self, record: Record) -> dict[str, Any]:
@@ -296,8 +302,12 @@ class TabularAdapter(Adapter):
     def supports(self) -> list[Support]:
         if self.columns is None:
             raise RuntimeError("tabular adapter is not fitted")
-        return [Support(f"tabular/col:{n}", "tabular", c.size, c.coordinates() if isinstance(c, NumericBins) else None)
+        return [Support(self.column_support(n), "tabular", c.size, c.coordinates() if isinstance(c, NumericBins) else None)
                 for n, c in self.columns.items()]
+
+    def column_support(self, column: str) -> str:
+        """The support of a column: ``tabular[/<dataset>]/col:<column>``."""
+        return self.support_name(f"col:{column}")
 
     def kind(self, column: str) -> str:
         """``numeric`` or ``categorical``."""

@@ -33,7 +33,7 @@ def test_loads_without_deepspeed(run: tuple[Path, Path]) -> None:
     code = (
         "import sys; from maskdiff.bundle import load_bundle; b = load_bundle(sys.argv[1]);"
         "assert 'deepspeed' not in sys.modules, 'deepspeed was imported';"
-        "print(b.info['step'], sorted(b.adapters), b.model.w_stats()['text']['mean'])"
+        "print(b.info['step'], b.modalities, b.model.w_stats()['text']['mean'])"
     )
     out = subprocess.run([sys.executable, "-c", code, str(run[0])], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -55,14 +55,14 @@ def test_adapters_decode_and_sampling_works(run: tuple[Path, Path]) -> None:
     shards = ShardSet(run[1] / "tiny-penguins")
     records = [r for _, r in zip(range(4), shards)]
     for rec in records:
-        assert bundle.adapters["tabular"].decode(rec) == shards.decode(rec)
+        assert bundle.adapter("tabular").decode(rec) == shards.decode(rec)
     batch = collate(records, bundle.spec)
-    keep = batch.support_ids == bundle.spec.support_id("tabular/col:species")
+    keep = batch.support_ids == bundle.spec.support_id("tabular/tiny-penguins/col:species")  # named by its shard directory
     masked = batch.with_tokens(torch.where(keep | batch.pad, batch.tokens, bundle.spec.mask_id))
     out = sample(bundle.denoiser, masked, bundle.schedules, steps=4, generator=torch.Generator().manual_seed(0))
     filled = split(batch, records, bundle.spec, out.tokens)  # raises if any id left its field's support
     assert all(r["col:species"].tokens.tolist() == o["col:species"].tokens.tolist() for r, o in zip(records, filled))
-    assert all(bundle.adapters["tabular"].decode(r) for r in filled)
+    assert all(bundle.adapter("tabular").decode(r) for r in filled)
 
 
 def test_inconsistent_bundle_is_refused(run: tuple[Path, Path], tmp_path: Path) -> None:

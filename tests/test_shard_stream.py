@@ -136,7 +136,7 @@ def _as_version_1(src: Path, dest: Path) -> None:
             w = wds.TarWriter(f, encoder=False, mtime=0)
             for k in range(entry["records"]):
                 rec = next(records)
-                del rec.meta["modality"]
+                del rec.meta["modality"], rec.meta["source"]
                 w.write({"__key__": f"{k:010d}", **legacy_members(rec, dtype)})
             w.close()
         entry.update(sha256=sha256_file(path), bytes=path.stat().st_size)

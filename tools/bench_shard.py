@@ -148,7 +148,7 @@ def size_section(table: dict[str, tuple[list[str], dict[str, Any]]], modalities:
                 writer = wds.TarWriter(sink, encoder=False, mtime=0)
                 for k in range(shard["records"]):
                     rec = next(records)
-                    del rec.meta["modality"]
+                    del rec.meta["modality"], rec.meta["source"]
                     writer.write({"__key__": f"{k:010d}", **legacy_members(rec, manifest["token_dtype"])})
                 writer.close()
         n = manifest["samples_written"]

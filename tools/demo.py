@@ -127,7 +127,7 @@ def tables(args, st: Stages, joint: Path, out: Path, bundle) -> dict:
     from maskdiff.imputation_quality import hide_cells, mode_mean_baseline, score, with_hidden
     from maskdiff.tables import read_table, write_table
 
-    adapter = bundle.adapters["tabular"]
+    adapter = bundle.adapter("tabular")
     source = Path(bundle.config.data.build[bundle.config.data.sources["tabular"].dirs[0]].inputs[0])
     na = [v.strip() for v in adapter.options["na_values"].split(",") if v.strip()]
     truth = read_table(source, adapter.options["delimiter"], na)

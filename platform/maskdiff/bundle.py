@@ -6,7 +6,8 @@ Layout of a bundle directory::
     model.safetensors    float32 weights of the denoiser and the schedules (GenMD4's w)
     config.yaml          the resolved run configuration
     vocab.json           the vocabulary spec (global id layout)
-    adapters/<modality>/state.json (+ large fitted state, e.g. the BPE model)
+    adapters/<source>/state.json (+ large fitted state, e.g. the BPE model); a source is a
+                         modality, or <modality>/<data set> for a named table or FASTA set
 
 :func:`load_bundle` verifies every file against the sha256 that ``bundle.json``
 lists, rebuilds the :class:`~maskdiff.joint.JointModel` from the config and
@@ -36,14 +37,15 @@ from .config import RunConfig, load_config, save_config, to_run_config
 from .errors import BundleError, ConfigError, UserError
 from .files import sha256_file, write_atomic
 from .joint import JointModel
-from .tokens import VocabMismatchError, VocabSpec
+from .tokens import MODALITIES, VocabMismatchError, VocabSpec, source_key
 
 FORMAT, VERSION = "maskdiff-bundle", 1
 ENSEMBLE = "ensemble"  # bundle.json: paths (relative to the bundle) of further models whose conditionals are averaged
 WEIGHTS, CONFIG, VOCAB, INFO, ADAPTERS = "model.safetensors", "config.yaml", "vocab.json", "bundle.json", "adapters"
+SOURCES = "sources"  # bundle.json: the adapters' keys (a bundle without it has one adapter per modality, named by it)
 
 
-CORE_KEYS = ("format", "version", "step", "vocab_fingerprint", "modalities", "parameters", "metrics", "lengths", "files")
+CORE_KEYS = ("format", "version", "step", "vocab_fingerprint", "modalities", SOURCES, "parameters", "metrics", "lengths", "files")
 
 
 @dataclass
@@ -57,6 +59,15 @@ class Bundle:
     members: list[Bundle] = field(default_factory=list)  # further models of the same data (``ensemble`` in bundle.json)
 
     @property
+    def modalities(self) -> list[str]:
+        """The modalities the model learned (a modality may hold several data sets: :meth:`adapter`)."""
+        return sorted({a.modality for a in self.adapters.values()})
+
+    def adapter(self, modality: str, dataset: str | None = None) -> Adapter:
+        """The adapter of ``modality``: the only one, or that of data set ``dataset`` (see :func:`adapter_of`)."""
+        return adapter_of(self.adapters, modality, dataset)
+
+    @property
     def denoiser(self):
         return self.model.denoiser
 
@@ -68,6 +79,22 @@ class Bundle:
     @property
     def schedules(self):
         return self.model.schedules
+
+
+def adapter_of(adapters: Mapping[str, Adapter], modality: str, dataset: str | None = None) -> Adapter:
+    """The adapter of ``modality`` among a model's: the only one, or that of data set ``dataset`` when it learned several."""
+    mine = {a.key: a for a in adapters.values() if a.modality == modality}
+    if not mine:
+        raise BundleError(f"the model was not trained on {modality} data; its modalities are {', '.join(sorted({a.modality for a in adapters.values()}))}")
+    if dataset is None and len(mine) == 1:
+        return next(iter(mine.values()))
+    names = ", ".join(repr(a.options.get("dataset") or a.modality) for a in mine.values())
+    if dataset is None:
+        raise BundleError(f"the model learned several {modality} data sets ({names}); name one with --dataset")
+    found = mine.get(source_key(modality, dataset)) or (mine.get(modality) if dataset == modality else None)
+    if found is None:
+        raise BundleError(f"the model has no {modality} data set {dataset!r}; it has {names}")
+    return found
 
 
 def export_bundle(out: str | Path, model: torch.nn.Module, cfg: DictConfig, spec: VocabSpec, adapters: Mapping[str, Adapter],
@@ -89,11 +116,12 @@ def export_bundle(out: str | Path, model: torch.nn.Module, cfg: DictConfig, spec
         save_file(weights, str(stage / WEIGHTS), metadata={"format": FORMAT, "vocab": spec.fingerprint()})
         save_config(cfg, stage / CONFIG)
         spec.save(stage / VOCAB)
-        for mod, adapter in adapters.items():
-            d = stage / ADAPTERS / mod
+        for adapter in adapters.values():
+            d = stage / ADAPTERS / adapter.key
             d.mkdir(parents=True, exist_ok=True)
             (d / "state.json").write_text(json.dumps(adapter.state(d), indent=1) + "\n")
-        info = {"format": FORMAT, "version": VERSION, "step": step, "vocab_fingerprint": spec.fingerprint(), "modalities": sorted(adapters),
+        info = {"format": FORMAT, "version": VERSION, "step": step, "vocab_fingerprint": spec.fingerprint(),
+                "modalities": sorted({a.modality for a in adapters.values()}), SOURCES: sorted(a.key for a in adapters.values()),
                 "parameters": sum(v.numel() for v in weights.values()), "metrics": metrics or {}, "lengths": lengths or {},
                 "files": {str(p.relative_to(stage)): sha256_file(p) for p in sorted(stage.rglob("*")) if p.is_file()}}
         (stage / INFO).write_text(json.dumps(info, indent=1, allow_nan=False) + "\n")
@@ -140,6 +168,8 @@ def _read_info(root: Path) -> dict[str, Any]:
     for key, kind in (("vocab_fingerprint", str), ("modalities", list), ("files", dict)):
         if not isinstance(info.get(key), kind):
             raise BundleError(f"{root / INFO}: key '{key}' is missing or not a {kind.__name__}")
+    if not isinstance(info.get(SOURCES, []), list):
+        raise BundleError(f"{root / INFO}: key '{SOURCES}' is not a list")
     return info
 
 
@@ -205,7 +235,7 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
         raise BundleError(f"{root / VOCAB}: fingerprint {spec.fingerprint()} differs from bundle.json's {info['vocab_fingerprint']}")
     cfg = _read_config(root / CONFIG)
     config = to_run_config(cfg)
-    adapters = {mod: _load_adapter(root, spec, mod) for mod in info["modalities"]}
+    adapters = {key: _load_adapter(root, spec, key) for key in info.get(SOURCES, info["modalities"])}
     model = JointModel(spec, config)
     state = _load_weights(root / WEIGHTS)
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -225,11 +255,14 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
     return Bundle(model, cfg, config, spec, adapters, info, members)
 
 
-def _load_adapter(root: Path, spec: VocabSpec, mod: Any) -> Adapter:
-    d = root / ADAPTERS / str(mod)
+def _load_adapter(root: Path, spec: VocabSpec, key: Any) -> Adapter:
+    mod, _, dataset = str(key).partition("/")
+    if mod not in MODALITIES or "/" in dataset or dataset.startswith("."):
+        raise BundleError(f"{root / INFO}: {key!r} is not a source (a modality, or <modality>/<data set>)")
+    d = root / ADAPTERS / str(key)
     state = _read_json(d / "state.json")
-    if not isinstance(state, dict) or state.get("modality") != mod:
-        raise BundleError(f"{d / 'state.json'}: not the state of a {mod} adapter")
+    if not isinstance(state, dict) or state.get("modality") != mod or (state.get("options") or {}).get("dataset") != (dataset or None):
+        raise BundleError(f"{d / 'state.json'}: not the state of the {key} adapter")
     try:
         adapter = adapter_from_state(state, d)
         supports = adapter.supports()
@@ -251,9 +284,9 @@ def open_bundle(path: str | Path, modality: str | None = None, device: str = "cp
     if not p.exists():
         raise UserError(f"{p}: no such bundle directory (train one with tools/train.py; it writes runs/<name>/bundle)")
     bundle = load_bundle(p, device=device)
-    if modality is not None and modality not in bundle.adapters:
-        raise UserError(f"{p}: the model was not trained on {modality} data; its modalities are {', '.join(sorted(bundle.adapters))}")
+    if modality is not None and modality not in bundle.modalities:
+        raise UserError(f"{p}: the model was not trained on {modality} data; its modalities are {', '.join(bundle.modalities)}")
     return bundle
 
 
-__all__ = ["Bundle", "BundleError", "export_bundle", "load_bundle", "open_bundle"]
+__all__ = ["Bundle", "BundleError", "adapter_of", "export_bundle", "load_bundle", "open_bundle"]

@@ -130,7 +130,8 @@ class TrainConfig:
     plots: bool = True  # plots/<modality>.png at the end of the run
     tensorboard: bool = True  # the metrics also as TensorBoard event files in RUN/tensorboard/
     # classifier-free guidance: per example, drop each of these conditioning fields (support
-    # names, e.g. pixels/label) with this probability, so one model learns p(x | c) and p(x)
+    # names, e.g. pixels/label; protein/PE also names protein/<data set>/PE of every FASTA data set)
+    # with this probability, so one model learns p(x | c) and p(x)
     condition_dropout: float = 0.0
     condition_fields: List[str] = field(default_factory=list)
 

@@ -34,15 +34,18 @@ class Tally:
     tokens: dict[str, int]
 
 
-def check_shards(bundle, shard_spec: VocabSpec, adapter_fingerprint: str, modality: str, where: str) -> None:
-    """The shards' supports and adapter must be the bundle's (else :class:`VocabMismatchError`)."""
-    if modality not in bundle.adapters:
-        raise UserError(f"{where}: holds {modality} data, which the model was not trained on; its modalities are {', '.join(sorted(bundle.adapters))}")
+def check_shards(bundle, shard_spec: VocabSpec, adapter_fingerprint: str, source: str, where: str) -> None:
+    """The shards' supports and adapter (of ``source``, :attr:`Adapter.key`) must be the bundle's (else :class:`VocabMismatchError`)."""
+    modality = source.partition("/")[0]
+    if modality not in bundle.modalities:
+        raise UserError(f"{where}: holds {modality} data, which the model was not trained on; its modalities are {', '.join(bundle.modalities)}")
+    if source not in bundle.adapters:
+        raise VocabMismatchError(f"{where}: holds the {source} data set, which the model was not trained on; its sources are {', '.join(sorted(bundle.adapters))}")
     for s in shard_spec.supports:
         mine = bundle.spec.supports[bundle.spec.index[s.name]] if s.name in bundle.spec.index else None
         if mine != s:
             raise VocabMismatchError(f"{where}: support {s.name!r} is {s}, the model's is {mine}; the shards were made with another vocabulary")
-    if bundle.adapters[modality].fingerprint() != adapter_fingerprint:
+    if bundle.adapters[source].fingerprint() != adapter_fingerprint:
         raise VocabMismatchError(f"{where}: the {modality} adapter state (e.g. the BPE model or the column bins) differs from the model's; "
                                  f"shard the data with --state-from the model's training shards")
 
@@ -114,12 +117,12 @@ def shard_records(bundle, dirs: Sequence[str | Path], split: str = "auto", limit
     for d in map(Path, dirs):
         if not d.exists():
             raise UserError(f"{d}: no such shard directory")
-        m = load_manifest(d)
-        check_shards(bundle, VocabSpec.from_dict(m["vocab"]), m["adapter"]["fingerprint"], m["modality"], str(d))
+        m, shards = load_manifest(d), ShardSet(d)
+        check_shards(bundle, shards.spec, m["adapter"]["fingerprint"], shards.keys[0], str(d))
         which = split if split != "auto" else ("heldout" if d.resolve() in trained else "all")
         used[str(d)] = which
         recs = by_mod.setdefault(m["modality"], [])
-        for rec in ShardSet(d):
+        for rec in shards:
             if which == "all" or is_heldout(rec, rc.data.heldout):
                 recs.append(rec)
                 if limit is not None and len(recs) >= limit:

@@ -22,6 +22,10 @@ are filled consistently:
 The *other* bucket of a categorical column (values beyond its category cap)
 is never written into a cell: it is excluded before choosing. Observed cells
 are never changed; passed-through columns are left as they are.
+
+A model that learned several tables (each its own data set, see
+:mod:`maskdiff.tokens`) fills a table with the columns of the one it names
+(``dataset``), or else of the one whose columns the input holds most of.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from tqdm.auto import tqdm
 from maskdiff.adapters import CategoryVocab, Reject
 
 from .batch import Batch, collate
+from .bundle import adapter_of
 from .errors import UserError
 from .files import atomic_path
 from .imputation_calibration import calibrated, from_info
@@ -92,15 +97,34 @@ def row_records(table: Table, adapter) -> list[Record]:
     return records
 
 
+def tables_of(bundle) -> list:
+    """The bundle's tabular adapters, one per table it learned."""
+    return [a for a in bundle.adapters.values() if a.modality == "tabular"]
+
+
+def table_adapter(bundle, columns: Sequence[str] | None = None, dataset: str | None = None):
+    """The tabular adapter to fill a table with ``columns``: that of ``dataset``, the only one, or the
+    one that learned most of the columns (a :class:`UserError` when that does not decide)."""
+    tables = tables_of(bundle)
+    if dataset is not None or len(tables) < 2:
+        return adapter_of(bundle.adapters, "tabular", dataset)
+    known = {a.key: len(set(a.columns) & set(columns or ())) for a in tables}
+    best = [a for a in tables if known[a.key] == max(known.values())]
+    if len(best) > 1 or not known[best[0].key]:
+        names = ", ".join(repr(a.options.get("dataset") or a.modality) for a in tables)
+        raise UserError(f"the model learned several tables ({names}) and the input's columns do not tell which this is: name one with --dataset")
+    return best[0]
+
+
 class ColumnHeads:
     """Where each learned column's values live in the id space, and what they decode to."""
 
-    def __init__(self, bundle, columns: Sequence[str]):
-        adapter, spec = bundle.adapters["tabular"], bundle.spec
+    def __init__(self, bundle, columns: Sequence[str], adapter):
+        spec = bundle.spec
         self.columns = list(columns)
-        self.support_ids = [spec.support_id(f"tabular/col:{c}") for c in columns]
+        self.support_ids = [spec.support_id(adapter.column_support(c)) for c in columns]
         self.column_of = {sid: j for j, sid in enumerate(self.support_ids)}
-        self.starts = [spec.id_range(f"tabular/col:{c}").start for c in columns]
+        self.starts = [spec.id_range(adapter.column_support(c)).start for c in columns]
         self.vocabs = [adapter.columns[c] for c in columns]
         self.numeric = [adapter.kind(c) == "numeric" for c in columns]
         # per column: log-weight 0 on usable values, -inf on the other bucket (never written)
@@ -143,13 +167,13 @@ def _take(batch: Batch, rows: Tensor) -> Batch:
 @torch.inference_mode()
 def fill_rows(bundle, records: Sequence[Record], columns: Sequence[str], *, best: bool, generator: torch.Generator | None = None,
               temperature: float = 1.0, batch_size: int = 512, device: str = "cpu", progress: bool = False,
-              rng: np.random.Generator | None = None) -> tuple[list[dict[str, Any]], list[dict[str, float]], int]:
+              rng: np.random.Generator | None = None, adapter=None) -> tuple[list[dict[str, Any]], list[dict[str, float]], int]:
     """Per record: column -> filled value, column -> confidence (best guess); and the network calls.
 
-    Every learned column must be a field of the records in ``columns`` order
-    (as :func:`row_records` makes them).
+    Every learned column of ``adapter`` (default: the bundle's only tabular one) must be a field
+    of the records in ``columns`` order (as :func:`row_records` makes them).
     """
-    heads = ColumnHeads(bundle, columns)
+    heads = ColumnHeads(bundle, columns, adapter or adapter_of(bundle.adapters, "tabular"))
     values: list[dict[str, Any]] = [{} for _ in records]
     confidence: list[dict[str, float]] = [{} for _ in records]
     calls = 0
@@ -219,19 +243,18 @@ def _pick_cells(heads: ColumnHeads, groups: Sequence[SupportGroup], masked: Tens
 
 
 def impute(bundle, table: Table, *, draws: int = 0, temperature: float = 1.0, passthrough: Sequence[str] = (), batch_size: int = 512,
-           device: str = "cpu", progress: bool = False, seed: int = 0, calibrate: bool = True) -> Imputation:
+           device: str = "cpu", progress: bool = False, seed: int = 0, calibrate: bool = True, dataset: str | None = None) -> Imputation:
     """Fill every missing cell of the model's columns in ``table``: the best guess (``draws=0``) or ``draws`` random draws.
 
     A best guess is corrected by the bundle's held-out calibration when it has
-    one and ``calibrate`` (see :mod:`maskdiff.imputation_calibration`).
+    one and ``calibrate`` (see :mod:`maskdiff.imputation_calibration`). A model
+    of several tables fills it as the table ``dataset`` (see :func:`table_adapter`).
     """
     if draws < 0:
         raise UserError(f"--draws {draws}: must be >= 0")
     if not math.isfinite(temperature) or temperature <= 0:
         raise UserError(f"--temperature {temperature}: must be a finite number > 0")
-    adapter = bundle.adapters.get("tabular")
-    if adapter is None:
-        raise UserError(f"the model was not trained on tabular data; its modalities are {', '.join(sorted(bundle.adapters))}")
+    adapter = table_adapter(bundle, table.columns, dataset)
     used = check_columns(table, adapter, passthrough)
     col_index = {c: table.columns.index(c) for c in used}
     records = row_records(table, adapter)
@@ -246,7 +269,7 @@ def impute(bundle, table: Table, *, draws: int = 0, temperature: float = 1.0, pa
     calls = 0
     for _ in range(max(draws, 1)):
         vals, conf, n = fill_rows(bundle, todo, learned, best=draws == 0, generator=generator, temperature=temperature,
-                                  batch_size=batch_size, device=device, progress=progress, rng=rng)
+                                  batch_size=batch_size, device=device, progress=progress, rng=rng, adapter=adapter)
         calls += n
         out: dict[Cell, Any] = {}
         for rec, filled, sure in zip(todo, vals, conf):
@@ -293,4 +316,5 @@ def write_summary(rows: list[dict[str, Any]], path: str | Path) -> Path:
     return Path(path)
 
 
-__all__ = ["Imputation", "SUMMARY_FIELDS", "check_columns", "fill_rows", "impute", "row_records", "uncertainty", "write_summary"]
+__all__ = ["Imputation", "SUMMARY_FIELDS", "check_columns", "fill_rows", "impute", "row_records", "table_adapter", "tables_of", "uncertainty",
+           "write_summary"]

@@ -2,7 +2,10 @@
 
 * :func:`ensure_shards` builds the configured shard directories that do not
   exist yet from their raw inputs (``data.build``), through
-  :func:`maskdiff.shards.write_shards` like ``tools/shard.py``.
+  :func:`maskdiff.shards.write_shards` like ``tools/shard.py``, each named after
+  its directory: a table's columns and a FASTA file's header fields are named
+  under it (``tabular/adult/col:sex``), so several tables of one modality
+  train together even when they share column names.
 * :func:`open_sources` opens one :class:`~maskdiff.shards.ShardSet` per
   modality and merges their vocabularies into the run's spec (modalities in
   canonical order, so the layout does not depend on the order of the config).
@@ -71,7 +74,7 @@ def ensure_shards(rc: RunConfig, log: Callable[[str], None] = print) -> list[Pat
                 raise ConfigError(f"config key 'data.build.{name}.modality': builds {recipe.modality} shards, but {name!r} is listed under data.sources.{mod}")
             log(f"building {mod} shards in {d} from {', '.join(recipe.inputs)} (first use)")
             try:
-                write_shards(mod, list(recipe.inputs), d, progress=False, **dict(recipe.options))
+                write_shards(mod, list(recipe.inputs), d, progress=False, **{"name": d.name, **recipe.options})
             except (InputError, ValueError, TypeError) as e:
                 raise ConfigError(f"config key 'data.build.{name}': {e}") from None
             built.append(d)

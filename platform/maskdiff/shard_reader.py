@@ -28,8 +28,8 @@ import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
-from maskdiff.adapters import Adapter, InputError, adapter_from_state
-from maskdiff.tokens import MISSING, MODALITIES, Record, VocabMismatchError, VocabSpec
+from maskdiff.adapters import Adapter, InputError, adapter_class, adapter_from_state
+from maskdiff.tokens import MISSING, MODALITIES, Record, VocabMismatchError, VocabSpec, source_key
 
 from .shard_format import FORMAT, MANIFEST, READABLE_VERSIONS, ChecksumError, ShardError, decode_sample
 from .shard_source import HashingStream, MissingFile, ShardLocation
@@ -143,9 +143,13 @@ class ShardSet(IterableDataset):
     """Stream :class:`Record` objects from one or several shard directories (local folders or URLs).
 
     * ``spec``: the merged :class:`VocabSpec` of all directories (in order);
-      ``adapters``: the fitted adapter per modality; ``manifests``: per directory.
-    * Directories of one modality must share the adapter state (shard the
+      ``adapters``: the fitted adapter per source (:attr:`Adapter.key`: the
+      modality, or ``<modality>/<data set>`` for a named table or FASTA set);
+      ``manifests``: per directory.
+    * Directories of one source must share the adapter state (shard the
       second with ``--state-from`` the first); else :class:`VocabMismatchError`.
+      Sources of one modality may differ (two tables): their own supports are
+      named apart, the shared ones (residues) must agree.
     * Iteration splits the work over distributed ranks and DataLoader workers:
       whole shards when there are at least as many shards as consumers, else
       every consumer reads all shards and keeps every n-th record. Either way
@@ -157,7 +161,7 @@ class ShardSet(IterableDataset):
       that many, with ``seed`` + the epoch (:meth:`set_epoch`); ``repeat`` loops
       forever. :meth:`stream` gives one consumer's records with a restartable
       position (:class:`ShardStream`).
-    * Records carry ``meta["modality"]``; ``decoded=True`` yields
+    * Records carry ``meta["modality"]`` and ``meta["source"]``; ``decoded=True`` yields
       ``(record, raw)`` pairs decoded with the saved adapter.
     """
 
@@ -177,17 +181,24 @@ class ShardSet(IterableDataset):
         self.sizes: list[dict[str, int]] = []
         fingerprints: dict[str, tuple[str, ShardLocation]] = {}
         spec: VocabSpec | None = None
+        self.keys: list[str] = []  # the source of each directory
         for loc, m in zip(self.locations, self.manifests):
-            mod, fp = m["modality"], m["adapter"]["fingerprint"]
-            if mod in fingerprints and fingerprints[mod][0] != fp:
-                raise VocabMismatchError(f"{loc}: its {mod} adapter state differs from that of {fingerprints[mod][1]}; shard it with --state-from {fingerprints[mod][1]}")
+            mod, fp, key = m["modality"], m["adapter"]["fingerprint"], _key_of(loc, m)
+            if key in fingerprints and fingerprints[key][0] != fp:
+                first = fingerprints[key][1]
+                other = " (the same data set) or with its own --name (another data set)" if adapter_class(mod).namespaced else ""
+                raise VocabMismatchError(f"{loc}: its {mod} adapter state differs from that of {first}; shard it with --state-from {first}{other}")
             own = _vocab_of(loc.url(MANIFEST), m)
             self.sizes.append({sup.name: sup.size for sup in own.supports})
-            if mod not in self.adapters:
-                fingerprints[mod] = (fp, loc)
-                self.adapters[mod] = _adapter_of(loc, m)
-                VocabSpec(self.adapters[mod].supports()).check_same(own, where=loc.url(MANIFEST))
-            spec = own if spec is None else spec.merged(own)
+            self.keys.append(key)
+            if key not in self.adapters:
+                fingerprints[key] = (fp, loc)
+                self.adapters[key] = _adapter_of(loc, m)
+                VocabSpec(self.adapters[key].supports()).check_same(own, where=loc.url(MANIFEST))
+            try:
+                spec = own if spec is None else spec.merged(own)
+            except VocabMismatchError as e:
+                raise VocabMismatchError(f"{loc}: {e}; shard it with --state-from a directory of the same data set, or with its own --name") from None
         assert spec is not None
         self.spec: VocabSpec = spec
         self.shards = [(i, m["modality"], s) for i, m in enumerate(self.manifests) for s in m["shards"]]
@@ -206,8 +217,8 @@ class ShardSet(IterableDataset):
         self.epoch = epoch
 
     def decode(self, record: Record) -> Any:
-        """The raw value of a record, through its modality's saved adapter."""
-        return self.adapters[record.meta["modality"]].decode(record)
+        """The raw value of a record, through its source's saved adapter."""
+        return self.adapters[record.meta["source"]].decode(record)
 
     def ranks(self) -> tuple[int, int]:
         """This process's rank and the number of ranks (given, or from torch.distributed / the environment)."""
@@ -297,7 +308,7 @@ class ShardSet(IterableDataset):
                         continue
                     rec = decode_sample(sample)
                     _check_record(url, rec, self.sizes[i])
-                    rec.meta["modality"] = modality
+                    rec.meta["modality"], rec.meta["source"] = modality, self.keys[i]
                     yield count - 1, rec
             except ShardError:
                 if stream.failure:  # the tar reader may have rewritten the message
@@ -326,6 +337,15 @@ class ShardSet(IterableDataset):
         digest = stream.hexdigest()
         if digest != entry["sha256"]:
             raise ChecksumError(f"{url}: sha256 {digest[:16]}... does not match the manifest's {entry['sha256'][:16]}...; the shard is corrupt or was changed")
+
+
+def _key_of(loc: ShardLocation, m: dict[str, Any]) -> str:
+    """The source a directory's adapter encodes (:attr:`Adapter.key`), read from its saved options."""
+    options = m["adapter"]["state"].get("options")
+    dataset = options.get("dataset") if isinstance(options, dict) else None
+    if dataset is not None and (not isinstance(dataset, str) or not dataset or "/" in dataset):
+        raise ShardError(f"{loc.url(MANIFEST)}: the adapter's data set name {dataset!r} is not a plain name")
+    return source_key(m["modality"], dataset)
 
 
 def _adapter_of(loc: ShardLocation, m: dict[str, Any]) -> Adapter:

@@ -78,9 +78,12 @@ def write_shards(
     """Encode the raw records of ``inputs`` into shards under ``output``; return the manifest.
 
     ``adapter_options`` go to the modality's adapter (see ``adapters``);
-    ``max_len`` is the text window / protein length limit. With ``state_from``
-    (a shard directory of the same modality) its fitted adapter is reused, so
-    the two directories share one vocabulary. ``workers > 1`` encodes in that
+    ``max_len`` is the text window / protein length limit. ``name`` (the shard
+    file prefix, default the modality) is also the data set name under which
+    a table's columns and a FASTA file's header fields are named
+    (``tabular/<name>/col:age``; the default name adds none). With ``state_from``
+    (a shard directory of the same modality) its fitted adapter is reused, data
+    set name included, so the two directories share one vocabulary. ``workers > 1`` encodes in that
     many processes (same bytes as one; see :mod:`maskdiff.shard_encoding`). Raises :class:`InputError` /
     :class:`ShardError` for user errors (missing or empty input, output
     already holding shards without ``overwrite``, nothing encodable).
@@ -93,7 +96,7 @@ def write_shards(
         raise ShardError(f"--shard-size {shard_size}: must be at least 1")
     if "/" in name or name.startswith("."):
         raise ShardError(f"--name {name!r}: must be a plain file name prefix")
-    adapter = _make_adapter(modality, max_len, state_from, adapter_options)
+    adapter = _make_adapter(modality, max_len, state_from, adapter_options, None if name == modality else name)
     created = not out.exists()
     _check_output(out, overwrite)
     try:
@@ -212,7 +215,7 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
-def _make_adapter(modality: str, max_len: int | None, state_from: str | Path | None, options: dict[str, Any]) -> Adapter:
+def _make_adapter(modality: str, max_len: int | None, state_from: str | Path | None, options: dict[str, Any], dataset: str | None) -> Adapter:
     cls = adapter_class(modality)
     if state_from is not None:
         given = [k for k, v in options.items() if v is not None] + (["max_len"] if max_len is not None else [])
@@ -231,6 +234,8 @@ def _make_adapter(modality: str, max_len: int | None, state_from: str | Path | N
     unknown = sorted(set(options) - known)
     if unknown:
         raise ShardError(f"option(s) {', '.join('--' + k.replace('_', '-') for k in unknown)} do not apply to {modality}")
+    if cls.namespaced and dataset:
+        options["dataset"] = dataset
     return cls(**options)
 
 

@@ -42,7 +42,7 @@ from omegaconf import DictConfig, OmegaConf
 from maskdiff.adapters.tabular import DEFAULT_NA
 
 from .bundle import ENSEMBLE, annotate, load_bundle
-from .cli import UserError
+from .errors import UserError
 from .config import RunConfig, to_run_config, validate
 from .imputation_calibration import BUNDLE_KEY, fit_calibration, to_json, validation_cells
 from .imputation_quality import with_hidden

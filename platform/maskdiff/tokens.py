@@ -11,6 +11,18 @@ A *record* is an ordered list of named *fields*; each field holds local ids
 of one support, in the field's own shape (``(L,)``, ``(H, W, C)``, ``(1,)``).
 A local id of :data:`MISSING` marks a missing value (an empty table cell): it
 is not a token to learn, it is masked at sampling time.
+
+Support names are ``<source>/<local>``. A *source* is a modality, or
+``<modality>/<data set>`` for supports fitted on one data set (a table's
+columns, a FASTA file's header fields): :func:`source_key`. So two tables that
+share a column name keep apart (``tabular/adult/col:sex``,
+``tabular/penguins/col:sex``), while supports that every data set of a
+modality shares (residues, pixel intensities, text pieces) are named by the
+modality alone. The data set is the shard set's name, as its manifest records
+it (``tools/shard.py --name``, or the directory's name when a run configuration
+builds it; the default name, the modality, adds none), kept in the adapter's
+state. Supports written before data sets were named have no data set part
+(``tabular/col:sex``); they are read as they are.
 """
 
 from __future__ import annotations
@@ -26,6 +38,11 @@ import numpy as np
 
 MODALITIES: tuple[str, ...] = ("text", "pixels", "protein", "tabular")
 MISSING = -1  # local id of a missing value
+
+
+def source_key(modality: str, dataset: str | None = None) -> str:
+    """The prefix of a source's support names: the modality, or ``<modality>/<dataset>``."""
+    return f"{modality}/{dataset}" if dataset else modality
 
 
 class VocabMismatchError(ValueError):
@@ -132,6 +149,15 @@ class VocabSpec:
     def id_range(self, name: str) -> range:
         i = self.support_id(name)
         return range(self.offsets[i], self.offsets[i] + self.supports[i].size)
+
+    def named(self, name: str) -> list[str]:
+        """The supports ``name`` stands for: the support itself, or, for ``<modality>/<local>``, that
+        support of every data set (``<modality>/<data set>/<local>``); empty when none."""
+        if name in self.index:
+            return [name]
+        modality, _, local = name.partition("/")
+        return [s.name for s in self.supports if s.modality == modality and s.name.startswith(f"{modality}/")
+                and s.name[len(modality) + 1:].partition("/")[2] == local]
 
     def modality_id(self, modality: str) -> int:
         return MODALITIES.index(modality)

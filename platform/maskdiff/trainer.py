@@ -605,11 +605,10 @@ class Trainer:
         return field_lengths(r for r in every if not is_heldout(r, self.rc.data.heldout))
 
     def _condition_ids(self) -> list[int]:
-        known = {s.name for s in self.spec.supports}
         for name in self.rc.train.condition_fields:
-            if name not in known:
-                raise ConfigError(f"train.condition_fields: no field support {name!r} in the data; known: {', '.join(sorted(known))}")
-        return [self.spec.support_id(name) for name in self.rc.train.condition_fields]
+            if not self.spec.named(name):
+                raise ConfigError(f"train.condition_fields: no field support {name!r} in the data; known: {', '.join(sorted(self.spec.index))}")
+        return [self.spec.support_id(s) for name in self.rc.train.condition_fields for s in self.spec.named(name)]
 
     def _train_step(self, it: Iterator[Batch], tally: Tally) -> bool:
         """One optimizer step; False when it was skipped for a non-finite loss or gradient (on any rank)."""
@@ -733,7 +732,7 @@ class Trainer:
         if finished and self.is_main:
             lengths = {m: self._training_lengths(m) for m in self.sets if m in ("text", "protein")}
             bundle = export_bundle(self.run_dir / "bundle", self.engine.module, self.cfg, self.spec,
-                                   {m: s.adapters[m] for m, s in self.sets.items()}, step=stop,
+                                   {key: a for s in self.sets.values() for key, a in s.adapters.items()}, step=stop,
                                    metrics={"heldout_bits_per_token": last["eval"]}, lengths=lengths)
             if t.plots:
                 plot_metrics(self.run_dir / METRICS, self.run_dir / "plots")

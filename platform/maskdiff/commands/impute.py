@@ -16,6 +16,9 @@ examples:
   # Parquet in, Parquet out (the schema is kept; filled values are cast to it)
   python tools/impute.py --input table.parquet --output filled.parquet
 
+  # a model trained on several tables (e.g. configs with adult and penguins): fill penguin rows
+  python tools/impute.py --model runs/tables/bundle --dataset penguins --input penguins-rows.csv --output filled.csv
+
 By default each missing cell gets one best guess: the most probable category,
 or for a numeric column the mean of the model's distribution over the
 column's bins (each bin at the mean of its training values). Cells missing
@@ -76,6 +79,8 @@ def build_parser():
     p.add_argument("--no-calibration", dest="calibrate", action="store_false",
                    help="best guess: the model's own, without the held-out correction a fitted bundle stores")
     p.add_argument("--passthrough", default="", metavar="COLS", help="comma-separated columns to copy unchanged (not learned, not filled)")
+    p.add_argument("--dataset", metavar="NAME", help="--model learned several tables: fill the input as this one (default: the one whose "
+                   "columns the input holds most of)")
     fit = p.add_argument_group("fitting (without --model)")
     fit.add_argument("--minutes", type=float, default=DEFAULT_MINUTES, help=f"time budget for fitting and filling (default {DEFAULT_MINUTES:g})")
     fit.add_argument("--run-dir", metavar="DIR", help="where the fitted run goes (default runs/impute-<input name>)")
@@ -111,7 +116,7 @@ def fit_options(args) -> dict:
 def run(args) -> int:
     import torch
 
-    from maskdiff.imputation import check_columns, impute, uncertainty, write_summary
+    from maskdiff.imputation import check_columns, impute, table_adapter, tables_of, uncertainty, write_summary
     from maskdiff.table_fit import fit_table
     from maskdiff.tables import read_table, write_table
 
@@ -122,6 +127,8 @@ def run(args) -> int:
     out, source = Path(args.output), Path(args.input)
     if args.draws < 0:
         raise cli.UserError(f"--draws {args.draws}: must be >= 0")
+    if args.dataset and not args.model:
+        raise cli.UserError("--dataset names a table of --model; without --model the model is learned from --input alone")
     tables, summary = outputs(out, args.draws)
     cli.check_outputs(tables + ([summary] if summary else []), args.overwrite)
     if source.resolve() in {t.resolve() for t in tables}:
@@ -129,8 +136,8 @@ def run(args) -> int:
     delimiter = args.delimiter
     na = [v.strip() for v in (args.na_values or "NA,N/A,?,NaN,null,NULL").split(",") if v.strip()]
     bundle = cli.open_bundle(args.model, "tabular", args.device) if args.model else None
-    if bundle is not None:
-        adapter = bundle.adapters["tabular"]
+    if bundle is not None and (args.dataset or len(tables_of(bundle)) < 2):  # else the table read as given tells which
+        adapter = table_adapter(bundle, dataset=args.dataset)
         delimiter = adapter.options.get("delimiter", ",")
         na = [v.strip() for v in (adapter.options.get("na_values") or "").split(",") if v.strip()]
     table = read_table(source, delimiter, na)
@@ -139,7 +146,7 @@ def run(args) -> int:
         raise cli.UserError(f"--output {out}: the input is {table.kind}, so the output must be too (give a .{'parquet' if table.kind == 'parquet' else 'csv'} name)")
     passthrough = [c.strip() for c in args.passthrough.split(",") if c.strip()]
     if bundle is not None:
-        check_columns(table, bundle.adapters["tabular"], passthrough)
+        check_columns(table, table_adapter(bundle, table.columns, args.dataset), passthrough)
     if not any(v is None for row in table.values for v in row):
         with cli.atomic_path(tables[0]) as tmp:
             shutil.copyfile(source, tmp)
@@ -154,7 +161,7 @@ def run(args) -> int:
         log(f"fitted in {time.perf_counter() - started:.0f} s; reuse it with --model {path}")
     t0 = time.perf_counter()
     imp = impute(bundle, table, draws=args.draws, temperature=args.temperature, passthrough=passthrough, batch_size=args.batch_size,
-                 device=args.device, progress=progress_enabled(args.progress), seed=args.seed, calibrate=args.calibrate)
+                 device=args.device, progress=progress_enabled(args.progress), seed=args.seed, calibrate=args.calibrate, dataset=args.dataset)
     for path, filled in zip(tables, imp.draws):
         write_table(table, filled, path, delimiter)
     if summary:

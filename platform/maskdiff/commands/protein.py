@@ -38,6 +38,7 @@ def build_parser():
     what.add_argument("--length", type=int, help="length of every generated sequence")
     p.add_argument("--lengths-from", nargs="+", metavar="DIR", default=[], help="protein shard directories to draw lengths from")
     p.add_argument("--condition", nargs="+", default=[], metavar="KEY=VALUE", help="header fields to condition on, e.g. PE=1")
+    p.add_argument("--dataset", metavar="NAME", help="the model learned several FASTA data sets: generate as this one (its header fields)")
     p.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance weight on the given conditions (default 0 = off)")
     p.add_argument("--prefix", default="sample", help="FASTA ids are PREFIX-1, PREFIX-2, ... (default sample)")
     cli.add_sampling(p, steps=64)
@@ -89,7 +90,7 @@ def run(args) -> int:
     cli.check_outputs([out], args.overwrite)
     check_lengths_from(args.lengths_from)
     bundle = cli.open_bundle(args.model, "protein", args.device)
-    adapter = bundle.adapters["protein"]
+    adapter = bundle.adapter("protein", args.dataset)
     cli.check_count(args.num, adapter.max_len + len(adapter.vocabs or {}))
     given = conditions(adapter.vocabs or {}, parse_pairs(args.condition), "--condition")
     rng = np.random.default_rng(args.seed)
@@ -106,9 +107,9 @@ def run(args) -> int:
     records = []
     for i, tokens in enumerate(templates):
         fields = [Field("sequence", RESIDUE, tokens.copy())]
-        fields += [Field(k, f"protein/{k}", np.array([given.get(k, MISSING)])) for k in (adapter.vocabs or {})]
+        fields += [Field(k, adapter.support_name(k), np.array([given.get(k, MISSING)])) for k in (adapter.vocabs or {})]
         records.append(Record(fields, {"index": i}))
-    supports = [bundle.spec.support_id(f"protein/{k}") for k in given] if args.guidance > 0 else []
+    supports = [bundle.spec.support_id(adapter.support_name(k)) for k in given] if args.guidance > 0 else []
     cli.check_fill_memory(bundle, records, args.batch_size, args.device)
     filled = fill(bundle, records, cli.sampler_options(args, supports), cli.generator(args.seed, args.device), batch_size=args.batch_size,
                   device=args.device, progress=progress_enabled(args.progress))

@@ -30,6 +30,10 @@ examples:
   python tools/shard.py --modality tabular --input data/tabular/penguins.csv --output shards/penguins --categorical year
   python tools/shard.py --modality tabular --input more-penguins.csv --output shards/penguins2 --state-from shards/penguins
 
+  # two tables that both have a 'sex' column, to train together: each named (tabular/adult/col:sex, tabular/penguins/col:sex)
+  python tools/shard.py --modality tabular --input data/tabular/adult-sample.csv --output shards/adult --name adult
+  python tools/shard.py --modality tabular --input data/tabular/penguins.csv --output shards/penguins --name penguins
+
 reading the shards back (what training uses):
   from maskdiff.shards import ShardSet
   data = ShardSet(["shards/uniprot", "shards/mnist"], shuffle_buffer=1000)   # .spec, .adapters
@@ -59,7 +63,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, tuple[Option, set
     ap.add_argument("--input", required=True, nargs="+", action="extend", metavar="PATH",
                     help="input files, folders (searched recursively) or glob patterns; text files, images / .npy / .npz / IDX, FASTA[.gz], CSV / Parquet")
     ap.add_argument("--output", required=True, metavar="DIR", help="shard directory to create (must not hold shards already, unless --overwrite)")
-    ap.add_argument("--name", help="shard file name prefix (default: the modality)")
+    ap.add_argument("--name", help="shard file name prefix and data set name (default: the modality); a table's columns and a FASTA file's "
+                                   "header fields are named under it (tabular/NAME/col:age), so several tables train together")
     ap.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, metavar="N", help=f"stored records (text: windows) per shard (default {DEFAULT_SHARD_SIZE})")
     ap.add_argument("--max-len", type=int, metavar="L", help="text: tokens per window (default 1024); protein: length limit, see --length-policy (default 1024)")
     ap.add_argument("--overwrite", action="store_true", help="replace the data set already in DIR (built aside, then swapped in whole: DIR always holds one complete data set; other files in DIR are kept)")
