@@ -104,7 +104,7 @@ def bench_table(path: Path, args) -> dict:
         imp = impute(bundle, hidden, seed=args.seed)
         filled = time.perf_counter() - t0
         raw = impute(bundle, hidden, seed=args.seed, calibrate=False)  # the same fill without the held-out correction
-    adapter = bundle.adapters["tabular"]
+    adapter = bundle.adapter("tabular")
     learned = [(r, c) for r, c in cells if truth.columns[c] in adapter.columns]
     kinds = {c: adapter.kind(c) for c in adapter.columns}
     results = {"model": score(truth, learned, imp.draws[0], kinds), "model, uncalibrated": score(truth, learned, raw.draws[0], kinds),

@@ -41,7 +41,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from maskdiff.adapters.tabular import DEFAULT_NA
 
-from .bundle import ENSEMBLE, annotate, load_bundle
+from .bundle import ENSEMBLE, adapter_of, annotate, load_bundle
 from .errors import UserError
 from .config import RunConfig, to_run_config, validate
 from .imputation_calibration import BUNDLE_KEY, fit_calibration, to_json, validation_cells
@@ -133,7 +133,7 @@ def _fit(source: Path, run_dir: Path, minutes: float, adapter_options: dict[str,
     learn_from = with_hidden(table, held)
     fit_input = write_table(learn_from, {}, run_dir / f"fit-input{'.parquet' if table.kind == 'parquet' else source.suffix or '.csv'}", delimiter)
     manifest = write_shards("tabular", [fit_input], shard_dir, progress=progress, overwrite=True, **adapter_options)
-    adapter = ShardSet([shard_dir], rank=0, world_size=1).adapters["tabular"]
+    adapter = adapter_of(ShardSet([shard_dir], rank=0, world_size=1).adapters, "tabular")
     for name, why in adapter.passthrough.items():
         log(f"column {name!r} is passed through, not learned: {why}")
     if manifest["records_rejected"]:
@@ -174,7 +174,7 @@ def calibrate(bundle_path: Path, truth: Table, learn_from: Table, held: Sequence
     from .imputation import impute
 
     bundle = load_bundle(bundle_path)
-    adapter = bundle.adapters["tabular"]
+    adapter = bundle.adapter("tabular")
     held = [(r, c) for r, c in held if truth.columns[c] in adapter.columns]
     rows = sorted({r for r, _ in held})
     at = {r: i for i, r in enumerate(rows)}
