@@ -17,6 +17,16 @@ RUN = ["train.steps=12", "train.log_every=2", "train.eval_every=6", "train.check
 TIMING = ("tokens_per_s", "peak_mem_mb")
 
 
+def assert_same_run(straight: Path, resumed: Path) -> None:
+    """The same final weights, and the same losses, lr, w and data at every logged step (timings aside)."""
+    a, b = weights(straight), weights(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+    strip = lambda ms: [{k: v for k, v in m.items() if k not in TIMING} for m in ms]  # noqa: E731
+    assert strip(metrics(straight)) == strip(metrics(resumed))
+
+
 def test_resume_continues_the_same_trajectory(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
     shards = tiny_shard_root(tmp_path_factory)
     straight, split = tmp_path / "straight", tmp_path / "split"
@@ -26,12 +36,7 @@ def test_resume_continues_the_same_trajectory(tmp_path: Path, tmp_path_factory: 
     assert not (split / "bundle").exists() and (split / "checkpoints" / "latest").read_text().strip() == "step00000006"
     res = run_train(["--resume", str(split)])
     assert "resuming" in res.stderr and "steps 6 -> 12" in res.stderr
-    a, b = weights(straight), weights(split)
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
-    strip = lambda ms: [{k: v for k, v in m.items() if k not in TIMING} for m in ms]  # noqa: E731
-    assert strip(metrics(straight)) == strip(metrics(split))  # same losses, lr, w and data at every step
+    assert_same_run(straight, split)
     events = tensorboard_scalars(split / "tensorboard")  # one curve across the resume, as in metrics.jsonl
     assert events["train/loss"] == [(m["step"], pytest.approx(m["loss"])) for m in metrics(split, "train")]
 
@@ -64,9 +69,4 @@ def test_a_run_streaming_over_http_killed_mid_run_resumes_to_the_weights_of_an_u
     assert proc.returncode == -9 and not (killed / "bundle").exists(), "the run ended before it could be killed"
     res = run_train(["--resume", str(killed)])
     assert "resuming" in res.stderr and "-> 60" in res.stderr
-    a, b = weights(straight), weights(killed)
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
-    strip = lambda ms: [{k: v for k, v in m.items() if k not in TIMING} for m in ms]  # noqa: E731
-    assert strip(metrics(straight)) == strip(metrics(killed))
+    assert_same_run(straight, killed)
