@@ -74,7 +74,7 @@ class PosteriorOracle:
             V = p.shape[-1]
             vals = torch.arange(V).view(1, 1, V).expand(B, L, V)
             mods = batch.modality_ids.unsqueeze(-1).expand(B, L, V)
-            one_minus = self.schedules.per_position("mask_prob", t.to(torch.float64), vals.reshape(B, -1), mods.reshape(B, -1))
+            one_minus = self.schedules.at(vals.reshape(B, -1), mods.reshape(B, -1)).mask_prob(t.to(torch.float64))
             p = p * one_minus.view(B, L, V)
             p = p / p.sum(-1, keepdim=True)
         return torch.log(p)
@@ -241,7 +241,7 @@ def expected_nelbo(denoiser, batch: Batch, prob: Tensor, schedules: ModalitySche
     tt = times.repeat_interleave(P * B)
     masked = patterns.repeat_interleave(B, dim=0).repeat(N, 1) & rows.valid
     x0 = torch.where(rows.valid, rows.tokens, 0)
-    p_mask = schedules.per_position("mask_prob", tt, x0, rows.modality_ids)
+    p_mask = schedules.at(x0, rows.modality_ids).mask_prob(tt)
     q = torch.where(masked, p_mask, 1 - p_mask).where(rows.valid, 1.0).prod(-1)
     nats = position_nats(denoiser, rows, schedules, tt, masked, steps, spec).sum(-1)
     return (weights.repeat_interleave(P * B) * prob.repeat(N * P) * q * nats).sum()

@@ -31,7 +31,7 @@ def setup(t_value: float):
 def exact_grad(pair, sched, schedules, record, t):
     batch = collate([record], pair.spec)
     sched.zero_grad()
-    p_mask = schedules.per_position("mask_prob", t, batch.tokens, batch.modality_ids)
+    p_mask = schedules.at(batch.tokens, batch.modality_ids).mask_prob(t)
     total = 0.0
     for pattern in ([0, 0], [0, 1], [1, 0], [1, 1]):
         masked = torch.tensor([pattern], dtype=torch.bool)

@@ -64,12 +64,16 @@ def test_genmd4_init_is_linear_and_w_equal_k_is_poly_k():
     torch.testing.assert_close(g.rate(t, torch.arange(3)), make_schedule("poly2").rate(t, torch.arange(3)))
 
 
-def test_per_position_uses_each_modalitys_schedule():
+def test_each_position_takes_its_modalitys_schedule_and_its_own_time():
     schedules = ModalitySchedules({0: make_schedule("linear"), 3: make_schedule("poly2")})
     mods = torch.tensor([[0, 3, 3, 1]])
-    a = schedules.per_position("alpha", torch.tensor([0.5]), torch.zeros(1, 4, dtype=torch.long), mods)
+    at = schedules.at(torch.zeros(1, 4, dtype=torch.long), mods)
+    a = at.alpha(torch.tensor([0.5]))  # one time for the row
     assert a[0, :3].tolist() == [0.5, 0.75, 0.75]
     assert math.isnan(a[0, 3])  # a modality with no schedule cannot slip into a loss
+    t = torch.tensor([[0.5, 0.5, 0.2, 0.9]])  # a time per position (packed records)
+    assert at.rate(t)[0, :3].tolist() == pytest.approx([1 / 0.5, 2 / 0.5, 2 / 0.2])  # linear 1/t, poly2 2/t
+    assert at.mask_prob(t)[0, :3].tolist() == pytest.approx([0.5, 0.25, 0.04])
     with pytest.raises(ValueError, match="no schedule for modality"):
         schedules.check_covers(mods, torch.ones(1, 4, dtype=torch.bool))
 

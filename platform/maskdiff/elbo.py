@@ -103,19 +103,17 @@ def position_nats(
     t = t.to(dtype)[records]  # (B, L): each position's record's time
     s = (t - (1.0 - t_min) / steps).clamp(min=t_min) if steps is not None else None
 
-    def at(fn: str, tt: Tensor) -> Tensor:
-        return schedules.per_position(fn, tt, x0, mods)
-
+    at = schedules.at(x0, mods)  # each position's schedule, gathered once
     ce, extra = _masked_terms(groups, spec, schedules, x0[masked], t[masked], None if s is None else s[masked], steps, dtype, impl)
     if steps is None:
-        weight = (1.0 - t_min) * at("rate", t)
+        weight = (1.0 - t_min) * at.rate(t)
     else:  # r = (alpha_s - alpha_t) / (1 - alpha_t) = 1 - exp(log(1 - alpha_s) - log(1 - alpha_t))
-        weight = -steps * torch.expm1(at("log_mask_prob", s) - at("log_mask_prob", t))
+        weight = -steps * torch.expm1(at.log_mask_prob(s) - at.log_mask_prob(t))
     diff_masked = weight[masked] * ce + extra
     diff = torch.zeros(x0.numel(), dtype=dtype, device=x0.device).index_copy(0, masked.reshape(-1).nonzero().squeeze(-1), diff_masked)
     log_k = torch.log(support_sizes(spec, x0.device)[batch.support_ids].to(dtype))
-    recon = at("mask_prob", torch.full_like(t, t_min)) * log_k
-    prior = at("alpha", torch.ones_like(t)) * log_k
+    recon = at.mask_prob(torch.full_like(t, t_min)) * log_k
+    prior = at.alpha(torch.ones_like(t)) * log_k
     return torch.where(valid, diff.view(x0.shape) + recon + prior, 0.0)
 
 
@@ -171,7 +169,7 @@ def _support_w(sched: Schedule, g: SupportGroup) -> Tensor:
 def _mask_prob(batch: Batch, schedules: ModalitySchedules, t: Tensor) -> Tensor:
     """1 - alpha_t[x0] at every position (B, L), each with its record's t (records,)."""
     x0 = torch.where(batch.valid, batch.tokens, 0)
-    return schedules.per_position("mask_prob", t[batch.record_ids()], x0, batch.modality_ids)
+    return schedules.at(x0, batch.modality_ids).mask_prob(t[batch.record_ids()])
 
 
 def draw_mask(batch: Batch, schedules: ModalitySchedules, t: Tensor, generator=None) -> Tensor:

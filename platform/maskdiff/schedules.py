@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import re
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -261,23 +262,52 @@ class ModalitySchedules(nn.Module):
     def state_dependent(self) -> bool:
         return any(s.state_dependent for s in self.by_id.values())
 
-    def per_position(self, fn: str, t: Tensor, values: Tensor, modality_ids: Tensor) -> Tensor:
-        """``schedule.fn(t, values)`` of each position's own modality schedule.
-
-        ``t`` is (B,) or (B, 1), or (B, L) (a time per position: packed records);
-        ``values`` and ``modality_ids`` are (B, L). Positions of a modality
-        without a schedule get NaN, so they cannot pass unnoticed into a loss.
-        """
-        t = t if t.dim() == values.dim() else t.reshape(-1, 1)
-        out = torch.full(values.shape, float("nan"), dtype=t.dtype, device=values.device)
-        for mid, sched in self.items():
-            sel = modality_ids == mid
-            if sel.any():
-                out = torch.where(sel, getattr(sched, fn)(t, values).to(out.dtype), out)
-        return out
+    def at(self, values: Tensor, modality_ids: Tensor) -> PositionSchedules:
+        """The schedules of a batch's positions, grouped by modality once (``values``, ``modality_ids``: (B, L))."""
+        return PositionSchedules(self, values, modality_ids)
 
     def check_covers(self, modality_ids: Tensor, valid: Tensor) -> None:
         present = set(modality_ids[valid].unique().tolist())
         missing = present - {mid for mid, _ in self.items()}
         if missing:
             raise ValueError(f"no schedule for modality ids {sorted(missing)}")
+
+
+class PositionSchedules:
+    """Each position's own modality schedule, evaluated only at that modality's positions.
+
+    Built once per batch (the positions of each modality gathered once), then
+    ``alpha``, ``mask_prob``, ``log_mask_prob`` and ``rate`` at times ``t``:
+    (B,) or (B, 1) for one time per row, or (B, L) for one per position
+    (packed records). Positions of a modality without a schedule get NaN, so
+    they cannot pass unnoticed into a loss.
+    """
+
+    def __init__(self, schedules: ModalitySchedules, values: Tensor, modality_ids: Tensor):
+        self.shape = values.shape
+        flat_values, flat_ids = values.reshape(-1), modality_ids.reshape(-1)
+        self.groups: list[tuple[Schedule, Tensor, Tensor]] = []
+        for mid, sched in schedules.items():
+            idx = (flat_ids == mid).nonzero().squeeze(-1)
+            if idx.numel():
+                self.groups.append((sched, idx, flat_values[idx]))
+
+    def alpha(self, t: Tensor) -> Tensor:
+        return self._each(t, lambda s, tt, v: s.alpha(tt, v))
+
+    def mask_prob(self, t: Tensor) -> Tensor:
+        return self._each(t, lambda s, tt, v: s.mask_prob(tt, v))
+
+    def log_mask_prob(self, t: Tensor) -> Tensor:
+        return self._each(t, lambda s, tt, v: s.log_mask_prob(tt, v))
+
+    def rate(self, t: Tensor) -> Tensor:
+        return self._each(t, lambda s, tt, v: s.rate(tt, v))
+
+    def _each(self, t: Tensor, fn: Callable[[Schedule, Tensor, Tensor], Tensor]) -> Tensor:
+        t = t if t.dim() == len(self.shape) else t.reshape(-1, 1)
+        flat_t = t.expand(self.shape).reshape(-1)
+        out = torch.full((flat_t.numel(),), float("nan"), dtype=t.dtype, device=t.device)
+        for sched, idx, values in self.groups:
+            out = out.index_copy(0, idx, fn(sched, flat_t[idx], values).to(out.dtype))
+        return out.view(self.shape)
