@@ -1,14 +1,14 @@
 """Modality adapters: raw files to shared token records and back.
 
-``get_adapter("protein", max_len=512)`` builds an adapter; ``ADAPTERS`` maps
-each modality to its class; ``read_records(modality, paths, **options)`` reads
-raw records (``(record_id, raw)`` pairs or :class:`Rejected`).
+``get_adapter("protein", max_len=512)`` builds an adapter (its ``read(paths)``
+gives raw records: ``(record_id, raw)`` pairs or :class:`Rejected`);
+``ADAPTERS`` maps each modality to its class.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from .base import OTHER, Adapter, CategoryVocab, InputError, Option, RawItem, Reject, Rejected
 from .pixels import PixelsAdapter
@@ -41,13 +41,8 @@ def adapter_from_state(state: dict[str, Any], root_dir: str | Path | None = None
     return adapter_class(state["modality"]).from_state(state, root_dir)
 
 
-def read_records(modality: str, paths: Sequence[str | Path], **options: Any) -> Iterator[RawItem]:
-    """Raw records of ``paths``: ``(record_id, raw)`` pairs or :class:`Rejected`."""
-    return get_adapter(modality, **options).read(paths)
-
-
 __all__ = [
     "ADAPTERS", "OTHER", "Adapter", "CategoryVocab", "InputError", "Option", "RawItem", "Reject", "Rejected",
     "PixelsAdapter", "ProteinAdapter", "TabularAdapter", "TextAdapter",
-    "adapter_class", "adapter_from_state", "get_adapter", "read_records",
+    "adapter_class", "adapter_from_state", "get_adapter",
 ]

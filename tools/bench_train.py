@@ -44,7 +44,7 @@ def _port() -> int:
 
 def train_once(config: str, procs: int, steps: int, run_dir: Path, overrides: list[str]) -> dict:
     args = [str(ROOT / "tools" / "train.py"), "--config", config, f"run_dir={run_dir}", f"train.steps={steps}", f"train.log_every={steps}",
-            f"train.eval_every={10 * steps}", f"train.checkpoint_every={10 * steps}", "train.eval_batches=1", "train.plots=false", *overrides,
+            f"train.eval_every={10 * steps}", f"train.checkpoint_every={10 * steps}", "train.eval_batches=1", "train.plots=false", "train.tensorboard=false", *overrides,
             "--no-progress"]
     if procs > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port", str(_port()), *args]
