@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from maskdiff.bits import LN2, bits_per_token, mean_bits_and_stderr
+from maskdiff.bits import LN2, bits_per_token, ratio_bits_and_stderr
 
 
 def test_bits_per_token_is_nats_over_n_ln2() -> None:
@@ -14,10 +14,14 @@ def test_bits_per_token_is_nats_over_n_ln2() -> None:
     assert bits_per_token(3.0, 2) == pytest.approx(1.5 / math.log(2))
 
 
-def test_mean_and_standard_error_over_estimates() -> None:
-    bits, se = mean_bits_and_stderr([2 * 4 * LN2, 4 * 4 * LN2, 6 * 4 * LN2], tokens=4)  # 2, 4, 6 bits/token
-    assert bits == pytest.approx(4.0) and se == pytest.approx(2.0 / math.sqrt(3))  # sample std 2 over sqrt(3)
-    assert mean_bits_and_stderr([5 * LN2], tokens=5) == (pytest.approx(1.0), None)  # one estimate: no error bar
+def test_ratio_and_standard_error_over_records_by_hand() -> None:
+    # records (nats / ln 2, tokens): (2, 1), (6, 2), (4, 2); R = 12 / 5 = 2.4 bits/token
+    # residuals nats_r - R tokens_r: -0.4, 1.2, -0.8 -> sum of squares 2.24; n (n - 1) mean(tokens)^2 = 6 * 25 / 9
+    bits, se = ratio_bits_and_stderr([2 * LN2, 6 * LN2, 4 * LN2], [1, 2, 2])
+    assert bits == pytest.approx(2.4) and se == pytest.approx(math.sqrt(2.24 / (6 * 25 / 9)))
+    # equal lengths: the ordinary standard error of per-record bits/token (2, 4, 6 -> 2 / sqrt(3))
+    assert ratio_bits_and_stderr([8 * LN2, 16 * LN2, 24 * LN2], [4, 4, 4])[1] == pytest.approx(2.0 / math.sqrt(3))
+    assert ratio_bits_and_stderr([5 * LN2], [5]) == (pytest.approx(1.0), None)  # one record: no error bar
 
 
 def test_trainer_tally_reports_the_same_figures() -> None:

@@ -110,7 +110,7 @@ def test_evaluation_bookkeeping(bundle):
     tally = evaluate_records(bundle, by_mod["pixels"], repeats=3, batch_size=8)
     s = summarise(tally, bundle.spec, len(by_mod["pixels"]))["pixels"]
     assert s["tokens"] == sum(f["tokens"] for f in s["fields"].values())
-    assert s["fields"]["pixels/value"]["tokens"] == 64 * len(by_mod["pixels"]) and np.isfinite(s["stderr"]) and s["stderr"] > 0
+    assert s["fields"]["pixels/value"]["tokens"] == 64 * len(by_mod["pixels"]) and np.isfinite(s["stderr_over_records"]) and s["stderr_over_records"] > 0
     assert s["bits_per_dim"] == s["fields"]["pixels/value"]["bits_per_token"]
     uni = unigram_bits(by_mod["tabular"], by_mod["tabular"], bundle.spec)
     assert 0 < uni["tabular"] < 8

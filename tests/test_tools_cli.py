@@ -142,7 +142,7 @@ def test_evaluate_tool(model, capsys):
     assert code == 0, err
     report = json.loads((tmp / "e.json").read_text())
     assert set(report["modalities"]) == {"protein", "pixels"} and set(report["splits"].values()) == {"heldout"}
-    assert "bits_per_dim" in report["modalities"]["pixels"] and report["modalities"]["protein"]["stderr"] >= 0
+    assert "bits_per_dim" in report["modalities"]["pixels"] and report["modalities"]["protein"]["stderr_over_records"] >= 0
     other = scratch("evaluate-other") / "tab"
     from maskdiff.shards import write_shards
 
@@ -212,12 +212,12 @@ def test_output_that_cannot_be_created(model, capsys, where):
     assert code == 2 and len(err.strip().splitlines()) == 1 and "cannot be created" in err, err
 
 
-def test_evaluate_single_pass_writes_strict_json(model, capsys):
+def test_evaluate_single_record_writes_strict_json(model, capsys):
     tmp = scratch("evaluate-one")
-    code, out, err = run_tool(capsys, "evaluate", "--model", model, "--shards", shard_dir("protein"), "--repeats", 1, "--output", tmp / "e.json")
+    code, out, err = run_tool(capsys, "evaluate", "--model", model, "--shards", shard_dir("protein"), "--limit", 1, "--output", tmp / "e.json")
     assert code == 0, err
     report = json.loads((tmp / "e.json").read_text(), parse_constant=lambda c: pytest.fail(f"bare {c} in the JSON"))
-    assert report["modalities"]["protein"]["stderr"] is None and "±" not in out
+    assert report["modalities"]["protein"]["stderr_over_records"] is None and "±" not in out  # one record: no error bar
 
 
 def test_protein_headers_stay_one_record_each(model, capsys):

@@ -193,7 +193,7 @@ def bench_likelihood(bundle, args) -> dict:
         train, test = heldout_records(bundle, mod)
         test = test[: args.limit]
         s = summarise(evaluate_records(bundle, test, repeats=3, seed=args.seed), bundle.spec, len(test))[mod]
-        out[mod] = {"model_bits_per_token": s["bits_per_token"], "stderr": s["stderr"], "unigram_bits_per_token": unigram_bits(train, test, bundle.spec)[mod],
+        out[mod] = {"model_bits_per_token": s["bits_per_token"], "stderr_over_records": s["stderr_over_records"], "unigram_bits_per_token": unigram_bits(train, test, bundle.spec)[mod],
                     "records": len(test)}
         if "bits_per_dim" in s:
             out[mod]["model_bits_per_dim"] = s["bits_per_dim"]

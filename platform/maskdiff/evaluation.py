@@ -1,11 +1,13 @@
 """Likelihood evaluation: the ELBO in bits per token (bits per dimension for images) per modality.
 
 Each of ``repeats`` passes over the records draws one time (and mask) per
-record, stratified across each batch; a pass gives one Monte Carlo estimate of
-the negative ELBO per token. The figure reported is the mean over passes and
-its standard error is their standard deviation over sqrt(repeats). Figures
-are also broken down by support (field), so an image's bits/dim leaves its
-class label out.
+record, stratified across each batch; each record's negative ELBO is averaged
+over the passes. The figure reported is total nats over total tokens, and its
+``stderr_over_records`` is the standard error of that ratio over records
+(:func:`~maskdiff.bits.ratio_bits_and_stderr`): it covers both the sampling of
+records and the Monte Carlo noise left after ``repeats`` passes. Figures are
+also broken down by support (field), so an image's bits/dim leaves its class
+label out.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import numpy as np
 import torch
 
 from .batch import collate
-from .bits import bits_per_token, mean_bits_and_stderr
+from .bits import bits_per_token, ratio_bits_and_stderr
 from .errors import UserError
 from .elbo import elbo
 from .tokens import MODALITIES, Record, VocabMismatchError, VocabSpec
@@ -28,10 +30,10 @@ IMAGE_SUPPORT = "pixels/value"
 
 @dataclass
 class Tally:
-    """Nats and token counts per support name, one entry per pass."""
+    """Per support name, one entry per record: nats (mean over passes) and tokens (0 where the record has none)."""
 
-    nats: dict[str, list[float]]
-    tokens: dict[str, int]
+    nats: dict[str, np.ndarray]
+    tokens: dict[str, np.ndarray]
 
 
 def check_shards(bundle, shard_spec: VocabSpec, adapter_fingerprint: str, source: str, where: str) -> None:
@@ -59,23 +61,23 @@ def evaluate_records(bundle, records: Sequence[Record], *, repeats: int = 4, bat
     spec = bundle.spec
     g = torch.Generator(device=device)
     g.manual_seed(seed)
-    names = [s.name for s in spec.supports]
-    tally = Tally({}, {})
     # sort by length so batches pad little; the estimate does not depend on the order
     ordered = sorted(records, key=len)
     batches = [collate(ordered[i : i + batch_size], spec).to(device) for i in range(0, len(ordered), batch_size)]
-    for rep in range(repeats):
-        nats: dict[str, float] = {}
-        for batch in batches:
-            res = elbo(bundle.denoiser, batch, bundle.schedules, draws=1, generator=g)
-            for sid in batch.support_ids[batch.valid].unique().tolist():
-                sel = batch.valid & (batch.support_ids == sid)
-                nats[names[sid]] = nats.get(names[sid], 0.0) + float(res.position_nats[sel].sum())
-                if rep == 0:
-                    tally.tokens[names[sid]] = tally.tokens.get(names[sid], 0) + int(sel.sum())
-        for name, v in nats.items():
-            tally.nats.setdefault(name, []).append(v)
-    return tally
+    nats = torch.zeros(len(spec.supports), len(ordered), dtype=torch.float64)
+    tokens = torch.cat([_per_record_support(b, b.valid.double(), len(spec.supports)) for b in batches], dim=1)
+    for _ in range(repeats):
+        per_batch = [elbo(bundle.denoiser, b, bundle.schedules, draws=1, generator=g).position_nats for b in batches]
+        nats += torch.cat([_per_record_support(b, v.double(), len(spec.supports)) for b, v in zip(batches, per_batch)], dim=1).cpu()
+    present = tokens.sum(1) > 0
+    return Tally({s.name: (nats[i] / repeats).numpy() for i, s in enumerate(spec.supports) if present[i]},
+                 {s.name: tokens[i].numpy() for i, s in enumerate(spec.supports) if present[i]})
+
+
+def _per_record_support(batch, values: torch.Tensor, supports: int) -> torch.Tensor:
+    """(supports, records) sums of position values (B, L) over each record's valid positions of each support."""
+    rows = [batch.per_record_sum(torch.where(batch.valid & (batch.support_ids == sid), values, 0.0)) for sid in range(supports)]
+    return torch.stack(rows).cpu()
 
 
 def summarise(tally: Tally, spec: VocabSpec, records: int) -> dict[str, Any]:
@@ -85,16 +87,15 @@ def summarise(tally: Tally, spec: VocabSpec, records: int) -> dict[str, Any]:
         names = [n for n in tally.tokens if spec.support(n).modality == mod]
         if not names:
             continue
-        tokens = sum(tally.tokens[n] for n in names)
-        passes = np.sum([tally.nats[n] for n in names], axis=0)
-        bits, se = mean_bits_and_stderr(passes, tokens)
-        entry: dict[str, Any] = {"bits_per_token": bits, "stderr": se, "tokens": tokens, "records": records, "fields": {}}
+        tokens = np.sum([tally.tokens[n] for n in names], axis=0)
+        bits, se = ratio_bits_and_stderr(np.sum([tally.nats[n] for n in names], axis=0), tokens)
+        entry: dict[str, Any] = {"bits_per_token": bits, "stderr_over_records": se, "tokens": int(tokens.sum()), "records": records, "fields": {}}
         for n in names:
-            b, s = mean_bits_and_stderr(tally.nats[n], tally.tokens[n])
-            entry["fields"][n] = {"bits_per_token": b, "stderr": s, "tokens": tally.tokens[n]}
+            b, s = ratio_bits_and_stderr(tally.nats[n], tally.tokens[n])
+            entry["fields"][n] = {"bits_per_token": b, "stderr_over_records": s, "tokens": int(tally.tokens[n].sum())}
         if IMAGE_SUPPORT in entry["fields"]:
             entry["bits_per_dim"] = entry["fields"][IMAGE_SUPPORT]["bits_per_token"]
-            entry["bits_per_dim_stderr"] = entry["fields"][IMAGE_SUPPORT]["stderr"]
+            entry["bits_per_dim_stderr_over_records"] = entry["fields"][IMAGE_SUPPORT]["stderr_over_records"]
         out[mod] = entry
     return out
 

@@ -12,8 +12,9 @@ tools/shard.py --state-from the training shards); otherwise the tool stops
 with exit status 2. --split auto (default) evaluates only the held-out records
 (the trainer's split) of directories the model was trained on and every record
 of the others. Each of --repeats passes draws one masking time per record;
-the JSON gives per modality the mean bits/token over passes with its standard
-error, the token count, and a per-field breakdown (for pixels, bits_per_dim
+the JSON gives per modality the bits/token (total nats over total tokens, each
+record averaged over the passes) with its standard error over records
+(stderr_over_records), the token count, and a per-field breakdown (for pixels, bits_per_dim
 counts the image alone). Exit status: 0 done, 2 a problem with the input (one
 line on stderr).
 """
@@ -55,7 +56,8 @@ def run(args) -> int:
         tally = evaluate_records(bundle, records, repeats=args.repeats, batch_size=args.batch_size, seed=args.seed, device=args.device)
         report["modalities"].update(summarise(tally, bundle.spec, len(records)))
     text = json.dumps(report, indent=1, allow_nan=False) + "\n"
-    lines = [f"{m}: {e['bits_per_token']:.3f}" + (f" ± {e['stderr']:.3f}" if e["stderr"] is not None else "") + " bits/token"
+    lines = [f"{m}: {e['bits_per_token']:.3f}" + (f" ± {e['stderr_over_records']:.3f}" if e["stderr_over_records"] is not None else "")
+             + " bits/token (± standard error over records)"
              for m, e in report["modalities"].items()]
     cli.emit(text, args.output, f"wrote {args.output}: " + "; ".join(lines))
     return 0
