@@ -223,7 +223,7 @@ def expected_nelbo(denoiser, batch: Batch, prob: Tensor, schedules: ModalitySche
     (which resolves the 1/t behaviour near t_min); T-step time sums its grid.
     Differentiable in the schedule parameters.
     """
-    B, L = batch.shape
+    B = batch.shape[0]
     t_min = schedules.t_min
     if steps is None:
         u = (torch.arange(n_t, dtype=torch.float64) + 0.5) / n_t
@@ -234,14 +234,30 @@ def expected_nelbo(denoiser, batch: Batch, prob: Tensor, schedules: ModalitySche
     from maskdiff.elbo import position_nats
 
     spec = spec if spec is not None else getattr(denoiser, "spec", None)
+    rows, tt, masked, q = _every_mask(batch, schedules, times)
+    nats = position_nats(denoiser, rows, schedules, tt, masked, steps, spec).sum(-1)
+    return (weights.repeat_interleave(len(q) // len(times)) * prob.repeat(len(q) // B) * q * nats).sum()
+
+
+def expected_reconstruction(denoiser, batch: Batch, prob: Tensor, schedules: ModalitySchedules, spec: VocabSpec | None = None) -> Tensor:
+    """E_{x0 ~ prob} E_{z ~ q(. | x0) at t_min} of -log p(x0 | z), p the denoiser's prediction at t_min: exactly."""
+    from maskdiff.elbo import reconstruction_nats
+
+    spec = spec if spec is not None else getattr(denoiser, "spec", None)
+    rows, _, masked, q = _every_mask(batch, schedules, torch.tensor([schedules.t_min], dtype=torch.float64))
+    nats = reconstruction_nats(denoiser, rows, schedules.t_min, masked, spec).sum(-1)
+    return (prob.repeat(len(q) // batch.shape[0]) * q * nats).sum()
+
+
+def _every_mask(batch: Batch, schedules: ModalitySchedules, times: Tensor) -> tuple[Batch, Tensor, Tensor, Tensor]:
+    """Every (time, mask pattern, example), row (i * P + j) * B + b: the rows, their times, masks and q(mask | x0)."""
+    B, L = batch.shape
     patterns = torch.tensor([[(k >> n) & 1 for n in range(L)] for k in range(2**L)], dtype=torch.bool)
     P, N = len(patterns), len(times)
-    # one evaluation over every (time, pattern, example): row (i * P + j) * B + b
     rows = batch.repeat(N * P)
     tt = times.repeat_interleave(P * B)
     masked = patterns.repeat_interleave(B, dim=0).repeat(N, 1) & rows.valid
     x0 = torch.where(rows.valid, rows.tokens, 0)
     p_mask = schedules.at(x0, rows.modality_ids).mask_prob(tt)
     q = torch.where(masked, p_mask, 1 - p_mask).where(rows.valid, 1.0).prod(-1)
-    nats = position_nats(denoiser, rows, schedules, tt, masked, steps, spec).sum(-1)
-    return (weights.repeat_interleave(P * B) * prob.repeat(N * P) * q * nats).sum()
+    return rows, tt, masked, q

@@ -9,7 +9,7 @@ import torch
 from maskdiff.elbo import antithetic_times, elbo
 from maskdiff.schedules import LearnedPoly, ModalitySchedules, make_schedule
 from maskdiff.tokens import MODALITIES, Support
-from oracles import IndependentData, PairData, PosteriorOracle, expected_nelbo
+from oracles import IndependentData, PairData, PosteriorOracle, expected_nelbo, expected_reconstruction
 
 TEXT, PROTEIN = MODALITIES.index("text"), MODALITIES.index("protein")
 
@@ -24,6 +24,11 @@ def data() -> IndependentData:
             "b": ("protein/b", [[0.1, 0.2, 0.3, 0.4], [0.7, 0.1, 0.1, 0.1], [0.25, 0.25, 0.25, 0.25]]),
         },
     )
+
+
+def _uniform3(x_t, batch, t):
+    """A denoiser that predicts uniformly over 3 values everywhere."""
+    return torch.full((*x_t.shape, 3), -math.log(3), dtype=torch.float64)
 
 
 def genmd4(num_values: int, w: list[float] | torch.Tensor) -> LearnedPoly:
@@ -96,6 +101,49 @@ def test_expected_elbo_terms_in_closed_form():
     assert with_p == pytest.approx(H + float((prob * w).sum() * (prob / w).sum()) - 1, abs=3e-3)  # 1.2779
 
 
+def test_model_decoding_at_t_min_in_closed_form():
+    """Reconstruction decoded by the exact posterior on a dependent pair, by hand (linear: 1 - alpha_{t_min} = m).
+
+    One position masked: -log P(x_i | x_j); both: the factorised marginals. The bound with it is
+    NLL + m^2 I(X1; X2) (only both-masked loses the dependence); uniform decoding costs 2 m log K instead.
+    """
+    rng = np.random.default_rng(2)
+    pair = PairData(rng.dirichlet(np.ones(9)).reshape(3, 3))
+    m = 0.3
+    schedules = ModalitySchedules({TEXT: make_schedule("linear")}, t_min=m)
+    J = pair.joint.numpy()
+    p1, p2 = J.sum(1, keepdims=True), J.sum(0, keepdims=True)
+    one = -np.log(J / p2) - np.log(J / p1)  # first masked given the second, and the other way
+    both = -np.log(p1) - np.log(p2)
+    want = float((J * (m * (1 - m) * one + m * m * both)).sum())
+    with torch.no_grad():
+        got = float(expected_reconstruction(pair.posterior, pair.all, pair.prob, schedules, spec=pair.spec))
+        got_uniform = float(expected_reconstruction(_uniform3, pair.all, pair.prob, schedules, spec=pair.spec))
+        with_uniform = float(expected_nelbo(pair.posterior, pair.all, pair.prob, schedules, n_t=400, spec=pair.spec))
+    assert got == pytest.approx(want, rel=1e-9)
+    assert got_uniform == pytest.approx(2 * m * math.log(3), rel=1e-9)  # uniform decoding is the uniform oracle's
+    mutual_info = float((J * np.log(J / (p1 * p2))).sum())
+    with_model = with_uniform - 2 * m * math.log(3) + got
+    assert with_model == pytest.approx(pair.nll() + m * m * mutual_info, abs=2e-3)
+    assert pair.nll() < with_model < with_uniform  # still a bound, and a tighter one
+
+
+def test_model_decoding_monte_carlo_matches_its_expectation():
+    rng = np.random.default_rng(3)
+    pair = PairData(rng.dirichlet(np.ones(9)).reshape(3, 3))
+    schedules = ModalitySchedules({TEXT: make_schedule("cosine")}, t_min=0.2)
+    batch = _pair_batch(pair, 20000, seed=1)
+    with torch.no_grad():
+        res = elbo(pair.posterior, batch, schedules, decode="model", generator=torch.Generator().manual_seed(4), spec=pair.spec)
+        want = expected_nelbo(pair.posterior, pair.all, pair.prob, schedules, n_t=400, spec=pair.spec)
+        want = want - expected_reconstruction(_uniform3, pair.all, pair.prob, schedules, spec=pair.spec)
+        want = float(want + expected_reconstruction(pair.posterior, pair.all, pair.prob, schedules, spec=pair.spec))
+    se = float(res.nelbo.std() / math.sqrt(res.nelbo.numel()))
+    assert abs(float(res.nelbo.mean()) - want) < 4 * se
+    with pytest.raises(ValueError, match="decode"):
+        elbo(pair.posterior, batch, schedules, decode="exact", spec=pair.spec)
+
+
 def test_genmd4_with_equal_w_is_md4_poly(data):
     batch = data.batch(512, seed=3)
     for K in (1.0, 2.0, 3.0):
@@ -126,9 +174,8 @@ def test_continuous_elbo_upper_bounds_nll_for_a_wrong_denoiser():
     rng = np.random.default_rng(1)
     pair = PairData(rng.dirichlet(np.ones(9)).reshape(3, 3))
     schedules = ModalitySchedules({TEXT: make_schedule("cosine")})
-    uniform = lambda x_t, batch, t: torch.full((*x_t.shape, 3), -math.log(3), dtype=torch.float64)  # noqa: E731
     with torch.no_grad():
-        got = float(expected_nelbo(uniform, pair.all, pair.prob, schedules, n_t=200, spec=pair.spec))
+        got = float(expected_nelbo(_uniform3, pair.all, pair.prob, schedules, n_t=200, spec=pair.spec))
     assert got == pytest.approx(2 * math.log(3), rel=1e-3)  # uniform decoding of both positions
     assert got > pair.nll()
 

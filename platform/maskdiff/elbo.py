@@ -2,7 +2,7 @@
 
 For one position with clean value x0 (support size K), the negative ELBO is
 
-    recon:  (1 - alpha_{t_min}[x0]) * log K          masked at t_min, decoded uniformly
+    recon:  E_q[ 1{x_{t_min} masked} * -log p(x0 | z_{t_min}) ]   masked at t_min, decoded by p
     diff:   ∫_{t_min}^1 E_q[ 1{x_t masked} * integrand(t) ] dt
     prior:  alpha_1[x0] * log K                       KL to "masked, else uniform" at t = 1
 
@@ -17,7 +17,13 @@ The terms after the first vanish for an MD4 (value-free) schedule. The one
 state-dependent schedule is GenMD4's polynomial, for which c_i = w_i / t and
 1 - r_i = (s / t)^{w_i}, so both sums are expectations of a function of w
 under mu, computed over the position's own support (``kernels.support_ce``).
-K is the size of the position's support, from the vocabulary spec. Time is
+K is the size of the position's support, from the vocabulary spec. The
+reconstruction decodes with p = uniform over the support by default, whose
+expectation is closed: (1 - alpha_{t_min}[x0]) log K. With ``decode="model"``
+p is the model's own factorised prediction at t_min, mu(. | z_{t_min}) (one
+more network call on a mask z_{t_min} ~ q drawn per record, restricted to its
+masked positions): a tighter bound where many tokens are still masked at
+t_min (GenMD4 with small w: 1 - alpha_{t_min} = t_min^w). Time is
 drawn once per example, stratified across the batch (antithetic). The GenMD4
 gradient with respect to w also flows through the draw of x_t; it is
 estimated with REINFORCE leave-one-out over ``draws >= 2`` masks per example.
@@ -42,6 +48,9 @@ from .bits import bits_per_token
 from .outputs import AnyDenoiser, SupportGroup, spec_of, support_logits, support_sizes
 from .schedules import ModalitySchedules, Schedule
 from .tokens import MODALITIES, VocabSpec
+
+
+DECODES = ("uniform", "model")  # how the reconstruction term decodes tokens still masked at t_min
 
 
 @dataclass
@@ -80,14 +89,16 @@ def position_nats(
     steps: int | None = None,
     spec: VocabSpec | None = None,
     impl: str = "auto",
+    masked_min: Tensor | None = None,
 ) -> Tensor:
     """Negative ELBO per position (B, L) for given times t (records,) and mask pattern.
 
-    Deterministic in (t, masked): Monte Carlo estimators average it over
-    draws; tests can average it exactly by enumerating mask patterns.
+    Deterministic in (t, masked, masked_min): Monte Carlo estimators average it
+    over draws; tests can average it exactly by enumerating mask patterns.
     ``steps=None`` is the continuous-time ELBO, an integer T the T-step one.
     The denoiser is evaluated at the masked positions only, over their supports;
-    each position takes its record's time.
+    each position takes its record's time. ``masked_min`` (a draw of the mask at
+    t_min) decodes the reconstruction term with the model, else it is uniform.
     """
     spec = spec_of(denoiser, spec)
     valid, mods = batch.valid, batch.modality_ids
@@ -112,9 +123,36 @@ def position_nats(
     diff_masked = weight[masked] * ce + extra
     diff = torch.zeros(x0.numel(), dtype=dtype, device=x0.device).index_copy(0, masked.reshape(-1).nonzero().squeeze(-1), diff_masked)
     log_k = torch.log(support_sizes(spec, x0.device)[batch.support_ids].to(dtype))
-    recon = at.mask_prob(torch.full_like(t, t_min)) * log_k
+    if masked_min is None:  # uniform p: E_q[1{masked} log K] = (1 - alpha_{t_min}[x0]) log K
+        recon = at.mask_prob(torch.full_like(t, t_min)) * log_k
+    else:
+        recon = reconstruction_nats(denoiser, batch, t_min, masked_min, spec, impl).to(dtype)
     prior = at.alpha(torch.ones_like(t)) * log_k
     return torch.where(valid, diff.view(x0.shape) + recon + prior, 0.0)
+
+
+def reconstruction_nats(denoiser: AnyDenoiser, batch: Batch, t_min: float, masked_min: Tensor, spec: VocabSpec,
+                        impl: str = "auto") -> Tensor:
+    """-log p(x0 | z_{t_min}) per position (B, L), p the model's factorised prediction at t_min.
+
+    Unmasked positions of z_{t_min} are carried over (log p = 0); a masked one costs
+    -log mu[x0], mu evaluated at the masked positions only. Its mean over
+    z_{t_min} ~ q(. | x0) is the reconstruction term E_q[-log p(x0 | z_{t_min})].
+    """
+    masked_min = masked_min & batch.valid
+    x0 = torch.where(batch.valid, batch.tokens, 0)
+    z = torch.where(masked_min, batch.mask_id, batch.tokens)
+    t = torch.full((batch.num_records,), t_min, device=x0.device)
+    groups = support_logits(denoiser, z, batch, t, masked_min, spec)
+    dtype = torch.float32
+    for g in groups:
+        dtype = torch.promote_types(dtype, g.logits.dtype)
+    target = x0[masked_min]
+    ce = torch.zeros(target.shape, dtype=dtype, device=x0.device)
+    for g in groups:
+        ce_g, _ = kernels.support_ce(g.logits, target[g.rows] - g.start, impl=impl)
+        ce = ce.index_copy(0, g.rows, ce_g.to(dtype))
+    return torch.zeros(x0.shape, dtype=dtype, device=x0.device).masked_scatter(masked_min, ce)
 
 
 def _masked_terms(
@@ -199,6 +237,7 @@ def elbo(
     generator: torch.Generator | None = None,
     spec: VocabSpec | None = None,
     impl: str = "auto",
+    decode: str = "uniform",
 ) -> ELBOResult:
     """Monte Carlo negative ELBO of a batch, with the RLOO surrogate for GenMD4's w.
 
@@ -207,8 +246,12 @@ def elbo(
     leave-one-out REINFORCE term for the dependence of the mask draw on w.
     Its value is left unchanged, so ``loss`` is always the ELBO estimate.
     ``spec`` (default ``denoiser.spec``) gives each field's support; ``impl``
-    picks the cross-entropy kernel (see :mod:`maskdiff.kernels`).
+    picks the cross-entropy kernel (see :mod:`maskdiff.kernels`). ``decode``
+    ("uniform" or "model") is how tokens still masked at t_min are decoded
+    (module docstring); "model" costs one more network call.
     """
+    if decode not in DECODES:
+        raise ValueError(f"decode={decode!r}: expected one of {', '.join(DECODES)}")
     schedules.check_covers(batch.modality_ids, batch.valid)
     if t is None:
         t = antithetic_times(batch.num_records, schedules.t_min, generator, batch.tokens.device)
@@ -217,7 +260,8 @@ def elbo(
             t = schedules.t_min + (1.0 - schedules.t_min) * i / steps
     rep = batch.repeat(draws) if draws > 1 else batch
     masked = draw_mask(rep, schedules, t.repeat(draws), generator)
-    return elbo_of_masks(denoiser, batch, schedules, t, masked, draws=draws, steps=steps, spec=spec, impl=impl)
+    masked_min = draw_mask(rep, schedules, torch.full_like(t, schedules.t_min).repeat(draws), generator) if decode == "model" else None
+    return elbo_of_masks(denoiser, batch, schedules, t, masked, draws=draws, steps=steps, spec=spec, impl=impl, masked_min=masked_min)
 
 
 def elbo_of_masks(
@@ -231,12 +275,14 @@ def elbo_of_masks(
     steps: int | None = None,
     spec: VocabSpec | None = None,
     impl: str = "auto",
+    masked_min: Tensor | None = None,
 ) -> ELBOResult:
-    """:func:`elbo` for given times t (records,) and masks (draws * B, L), draw-major as ``batch.repeat``."""
+    """:func:`elbo` for given times t (records,) and masks (draws * B, L), draw-major as ``batch.repeat``;
+    ``masked_min`` (same layout) is the mask at t_min when the reconstruction term decodes with the model."""
     rep = batch.repeat(draws) if draws > 1 else batch
     t_rep = t.repeat(draws)  # record r of draw j is record j * N + r of ``rep``
     N = batch.num_records
-    nats = position_nats(denoiser, rep, schedules, t_rep, masked, steps, spec, impl)
+    nats = position_nats(denoiser, rep, schedules, t_rep, masked, steps, spec, impl, masked_min)
     per_draw = rep.per_record_sum(nats).view(draws, N)
     nelbo = per_draw.mean(0)
     tokens = batch.valid.sum().clamp(min=1)
@@ -244,6 +290,8 @@ def elbo_of_masks(
     if schedules.state_dependent and draws >= 2 and torch.is_grad_enabled():
         # RLOO: each record's draws at its one t; the baseline of draw k is the mean of the record's other draws
         log_q = mask_log_prob(rep, schedules, t_rep, masked).view(draws, N)
+        if masked_min is not None:  # the draw of z_{t_min} depends on w too
+            log_q = log_q + mask_log_prob(rep, schedules, torch.full_like(t_rep, schedules.t_min), masked_min).view(draws, N)
         others = (per_draw.sum(0, keepdim=True) - per_draw) / (draws - 1)
         advantage = (per_draw - others).detach()
         surrogate = (advantage * log_q).mean(0).sum() / tokens
