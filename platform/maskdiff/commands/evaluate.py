@@ -56,8 +56,8 @@ def run(args) -> int:
         tally = evaluate_records(bundle, records, repeats=args.repeats, batch_size=args.batch_size, seed=args.seed, device=args.device)
         report["modalities"].update(summarise(tally, bundle.spec, len(records)))
     text = json.dumps(report, indent=1, allow_nan=False) + "\n"
-    lines = [f"{m}: {e['bits_per_token']:.3f}" + (f" ± {e['stderr_over_records']:.3f}" if e["stderr_over_records"] is not None else "")
-             + " bits/token (± standard error over records)"
+    lines = [f"{m}: {e['bits_per_token']:.3f} bits/token"
+             + (f" ± {e['stderr_over_records']:.3f} (standard error over records)" if e["stderr_over_records"] is not None else "")
              for m, e in report["modalities"].items()]
     cli.emit(text, args.output, f"wrote {args.output}: " + "; ".join(lines))
     return 0
