@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from types import SimpleNamespace
 
@@ -100,6 +101,10 @@ def test_fit_and_impute_in_one_command_learns_a_dependency(capsys):
                               "--run-dir", tmp / "run", "--no-progress")
     assert code == 0, err
     assert f"--model {tmp / 'run' / 'model' / 'bundle'}" in err and (tmp / "run" / "model" / "config.yaml").is_file()
+    # the set-aside cells scored the run's checkpoints; the bundle holds the best one's weights, and the checkpoints are gone
+    selected = json.loads((tmp / "run" / "model" / "bundle" / "bundle.json").read_text())["selected_step"]
+    assert selected["scores"][str(selected["step"])] == min(selected["scores"].values())
+    assert not (tmp / "run" / "model" / "checkpoints").exists()
     filled = read_table(tmp / "out.csv")
     b_hits = [filled.values[r][1] == truth.values[r][1] for r in range(truth.num_rows) if hide[r, 0]]
     n_err = [float(filled.values[r][2]) - float(truth.values[r][2]) for r in range(truth.num_rows) if hide[r, 1]]

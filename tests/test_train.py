@@ -7,6 +7,9 @@ import itertools
 import json
 import math
 import re
+import tempfile
+import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -229,3 +232,38 @@ def test_a_time_budget_stops_the_run_with_a_bundle(tmp_path: Path, tmp_path_fact
     last = metrics(run, "train")[-1]
     # by steps the decay would hardly have begun (tens of 100,000 steps); by time it is at (or a step from) the floor
     assert last["step"] == summary["step"] and optim.lr * optim.min_lr_ratio <= last["lr"] < 0.3 * optim.lr
+
+
+def test_a_stop_file_spends_the_budget_at_once() -> None:
+    from maskdiff.trainer import TimeBudget
+
+    with tempfile.TemporaryDirectory() as tmp:
+        stop = Path(tmp) / "STOP"
+        budget = TimeBudget(None, torch.device("cpu"), 1, stop)
+        assert budget.tick() is False and budget.spent == 0.0
+        stop.touch()
+        assert budget.tick() is True and budget.spent >= 1.0 and budget.stop_requested
+
+
+def test_a_stop_file_ends_the_run_with_its_bundle_and_a_stale_one_does_not(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    run = tmp_path / "stopped"
+    run.mkdir()
+    (run / "STOP").touch()  # left by an earlier start: must not stop this one
+
+    def stop_after_step_3() -> None:
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            text = (run / "metrics.jsonl").read_text() if (run / "metrics.jsonl").is_file() else ""
+            if any(f'"step": {k},' in text for k in (3, 4, 5)):
+                (run / "STOP").touch()
+                return
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=stop_after_step_3, daemon=True)
+    watcher.start()
+    res = run_train(tiny_args(tiny_shard_root(tmp_path_factory), run, "train.steps=100000", "train.log_every=1",
+                              "train.eval_every=1000000", "--overwrite"))
+    watcher.join(timeout=5)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["finished"] and 3 <= summary["step"] < 100000
+    assert "asked for a stop" in res.stderr and (run / "bundle" / "bundle.json").is_file()

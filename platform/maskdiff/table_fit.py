@@ -15,9 +15,12 @@ given, and what :class:`maskdiff.imputer.MaskdiffImputer` runs in ``fit``:
    which the learning-rate decay follows too);
 4. train with the regular trainer (DeepSpeed, one process) in ``RUN/model``,
    which holds the configuration it used (``config.yaml``), the metrics and
-   the bundle (``RUN/model/bundle``, reusable with ``--model``);
-5. when the first model reached its step cap with budget to spare (a small
-   table), train further models with other seeds in ``RUN/model-2`` ...
+   the bundle (``RUN/model/bundle``, reusable with ``--model``); meanwhile
+   each checkpoint fills the set-aside cells, the run is stopped once that
+   fill stops improving, and the bundle keeps the weights that filled them
+   best (:mod:`maskdiff.fit_selection`);
+5. when the budget has room for more (a small table), train further models
+   with other seeds for that many steps in ``RUN/model-2`` ...
    (:func:`more_members`); imputation averages their conditionals;
 6. fill the set-aside cells and store each column's correction in the
    bundle (:func:`calibrate`).
@@ -30,7 +33,7 @@ import multiprocessing
 import os
 import shutil
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -44,6 +47,7 @@ from maskdiff.adapters.tabular import DEFAULT_NA
 from .bundle import ENSEMBLE, adapter_of, annotate, load_bundle
 from .errors import UserError
 from .config import RunConfig, to_run_config, validate
+from .fit_selection import CheckpointWatch, checkpoint_every
 from .imputation_calibration import BUNDLE_KEY, fit_calibration, to_json, validation_cells
 from .imputation_quality import with_hidden
 from .shards import REJECTS, ShardSet, write_shards
@@ -54,6 +58,7 @@ MAX_EPOCHS = 300  # passes over the rows; small tables need many, large ones rea
 START_S = 30.0  # the trainer's start in its own process (imports, DeepSpeed's engine): planned for
 ENGINE_S = 15.0  # what is left of it once the child runs (the engine, the shards); the loop gets the rest
 MAX_MEMBERS = 4  # models averaged when the budget allows more than one (small tables)
+POLL_S = 2.0  # how often the parent looks for new checkpoints of a training child
 FILL_S_PER_ROW = 0.004  # one imputation pass, per row, on a busy 2-core machine (measured: about 2 ms quiet)
 
 
@@ -141,27 +146,36 @@ def _fit(source: Path, run_dir: Path, minutes: float, adapter_options: dict[str,
     plan = plan_fit(manifest["records_written"], len(adapter.columns),
                     training_budget(minutes, time.perf_counter() - started, table.num_rows))
     cfg = OmegaConf.merge(base_config(shard_dir, model_dir, seed),
-                          {"data": {"batch_tokens": plan.batch_rows * plan.row_tokens}, "train": {"steps": plan.steps, "minutes": plan.budget_s / 60}})
+                          {"data": {"batch_tokens": plan.batch_rows * plan.row_tokens},
+                           "train": {"steps": plan.steps, "minutes": plan.budget_s / 60,
+                                     "checkpoint_every": checkpoint_every(plan.steps), "keep_checkpoints": 3}})
     validate(to_run_config(cfg))
-    log(f"fitting {source}: {plan.describe()}; {len(held)} observed cells set aside to calibrate; "
-        f"{torch.get_num_threads()} thread(s); run directory {run_dir}")
+    log(f"fitting {source}: {plan.describe()}; {len(held)} observed cells set aside to calibrate and to stop training "
+        f"when their fill stops improving; {torch.get_num_threads()} thread(s); run directory {run_dir}")
     # deadlines on the wall clock, so that a slow start (a busy machine) comes out of training, not on top
     fit_ends = time.time() + minutes * 60 - (time.perf_counter() - started)
     t0 = time.time()
-    bundle = train_in_child(cfg, progress, ends_at=fit_ends - 2 * FILL_S_PER_ROW * table.num_rows)
-    members = more_members(cfg, run_dir, fit_ends - 2 * FILL_S_PER_ROW * MAX_MEMBERS * table.num_rows, time.time() - t0, progress, log)
+    watch = CheckpointWatch(cfg, table, learn_from, held, seed, log)
+    bundle = train_in_child(cfg, progress, ends_at=fit_ends - 2 * FILL_S_PER_ROW * table.num_rows, poll=watch.poll)
+    trained = int(load_bundle(bundle).info["step"])
+    watch.keep_best(bundle)
+    best = watch.best_step or trained
+    # further models train for the chosen number of steps (their learning rate decays over them)
+    member_cfg = OmegaConf.merge(cfg, {"train": {"steps": best, "checkpoint_every": best, "keep_checkpoints": 1}})
+    member_s = START_S + (time.time() - t0 - START_S) * best / max(trained, 1)
+    members = more_members(member_cfg, run_dir, fit_ends - 2 * FILL_S_PER_ROW * MAX_MEMBERS * table.num_rows, member_s, progress, log)
     if members:
         annotate(bundle, ENSEMBLE, [os.path.relpath(m, bundle) for m in members])
     calibrate(bundle, table, learn_from, held, log)
     return bundle, plan
 
 
-def more_members(cfg: DictConfig, run_dir: Path, deadline: float, took_s: float, progress: bool, log: Callable[[str], None]) -> list[Path]:
-    """Spend what the budget has left after the first model, when it reached its step cap early (a small
-    table), on further models with other seeds: their conditionals are averaged when imputing, which
-    removes much of the run-to-run spread that a few hundred rows leave (``RUN/model-2`` ...)."""
+def more_members(cfg: DictConfig, run_dir: Path, deadline: float, member_s: float, progress: bool, log: Callable[[str], None]) -> list[Path]:
+    """Spend what the budget has left after the first model, when it stopped early (a small table), on
+    further models with other seeds, each expected to take ``member_s``: their conditionals are averaged
+    when imputing, which removes much of the run-to-run spread that a few hundred rows leave (``RUN/model-2`` ...)."""
     members: list[Path] = []
-    while len(members) + 1 < MAX_MEMBERS and deadline - time.time() > 1.2 * took_s:
+    while len(members) + 1 < MAX_MEMBERS and deadline - time.time() > 1.2 * member_s:
         k = len(members) + 2
         log(f"the budget allows another model: training member {k} in {run_dir / f'model-{k}'}")
         member_cfg = OmegaConf.merge(cfg, {"seed": int(cfg.seed) + k - 1, "name": f"model-{k}", "run_dir": str(run_dir / f"model-{k}")})
@@ -191,14 +205,18 @@ def _names(text: str | None) -> list[str]:
     return [v.strip() for v in (text or "").split(",") if v.strip()]
 
 
-def train_in_child(cfg: DictConfig, progress: bool = False, ends_at: float | None = None) -> Path:
+def train_in_child(cfg: DictConfig, progress: bool = False, ends_at: float | None = None, poll: Callable[[], None] | None = None) -> Path:
     """Train in a fresh process and return the bundle: DeepSpeed keeps process-wide state (its
     process groups) that a second run in the same process would trip over, and a child gives
-    its memory back when it ends."""
+    its memory back when it ends. ``poll`` is called every POLL_S while the child trains."""
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=1, mp_context=ctx, initializer=torch.set_num_threads,
                              initargs=(torch.get_num_threads(),)) as pool:
-        bundle = pool.submit(_train, OmegaConf.to_yaml(cfg), progress, ends_at).result()
+        future = pool.submit(_train, OmegaConf.to_yaml(cfg), progress, ends_at)
+        while poll is not None and not future.done():
+            poll()
+            wait([future], timeout=POLL_S)
+        bundle = future.result()
     return Path(bundle)
 
 

@@ -60,6 +60,7 @@ from .tensorboard_log import TENSORBOARD, TensorBoardLog
 from .tokens import MODALITIES, VocabSpec
 
 CHECKPOINTS, METRICS, CONFIG, SUMMARY, LOCK = "checkpoints", "metrics.jsonl", "config.yaml", "summary.json", ".lock"
+STOP = "STOP"  # a file of this name in the run directory ends the run after the current step (TimeBudget)
 MAX_SKIPPED_IN_A_ROW = 10  # non-finite steps in a row that stop a run
 
 
@@ -112,23 +113,29 @@ class TimeBudget:
     """``train.minutes``: the share of the loop's wall-clock budget spent, agreed by every process.
 
     All ranks must stop at the same step and use the same learning rate, so the
-    fraction is the maximum over ranks (one scalar all-reduce per step).
+    fraction is the maximum over ranks (one scalar all-reduce per step). A file
+    named ``STOP`` in the run directory (:data:`STOP`) spends the budget at once:
+    the run ends after the current step as if its time were up (checkpoint and
+    bundle included), which is how a user, or a caller watching the run, ends it early.
     """
 
-    def __init__(self, minutes: float | None, device: torch.device, world: int):
+    def __init__(self, minutes: float | None, device: torch.device, world: int, stop_file: Path | None = None):
         self.limit_s = None if minutes is None else minutes * 60.0
-        self.device, self.world = device, world
+        self.device, self.world, self.stop_file = device, world, stop_file
         self.started = time.perf_counter()
         self.spent = 0.0  # fraction of the budget, in [0, inf)
+        self.stop_requested = False
 
     def restart(self) -> None:
         self.started, self.spent = time.perf_counter(), 0.0
 
     def tick(self) -> bool:
-        """Update the fraction spent; True once the budget is used up."""
-        if self.limit_s is None:
+        """Update the fraction spent; True once the budget is used up (or a stop was asked for)."""
+        if self.limit_s is None and self.stop_file is None:
             return False
-        spent = (time.perf_counter() - self.started) / self.limit_s
+        spent = (time.perf_counter() - self.started) / self.limit_s if self.limit_s is not None else 0.0
+        if self.stop_file is not None and self.stop_file.exists():
+            self.stop_requested, spent = True, max(spent, 1.0)
         if self.world > 1:
             t = torch.tensor([spent], dtype=torch.float64, device=self.device)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -518,7 +525,7 @@ class Trainer:
         torch.manual_seed(self.rc.seed)
         self.model = JointModel(self.spec, self.rc)
         self.optimizer = make_optimizer(self.model, self.rc)
-        self.budget = TimeBudget(self.rc.train.minutes, self.device, self.world)
+        self.budget = TimeBudget(self.rc.train.minutes, self.device, self.world, self.run_dir / STOP)
         scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(self.rc, self.budget))
         self.engine, _, _, self.scheduler = deepspeed.initialize(model=self.model, optimizer=self.optimizer, lr_scheduler=scheduler,
                                                                  config=deepspeed_config(self.rc))
@@ -686,6 +693,8 @@ class Trainer:
         total_tokens, skipped, in_a_row = 0, 0, 0
         records_logged = self.data.skipped_records  # bad-shard records this rank's loader skipped, at the previous metrics line
         self.started, out_of_time = True, False
+        # a stop asked of an earlier start of this run is not one asked of this one (and every rank waits for its removal)
+        self._collective(lambda: (self.run_dir / STOP).unlink(missing_ok=True) if self.is_main else None)
         self.budget.restart()
         for step in range(start + 1, stop + 1):
             t0 = time.perf_counter()
@@ -727,7 +736,8 @@ class Trainer:
         metrics.close()
         finished = stop == t.steps or out_of_time
         if out_of_time:
-            self.log(f"train.minutes={t.minutes:g} spent: stopping at step {stop} of {t.steps}")
+            why = f"{self.run_dir / STOP} asked for a stop" if self.budget.stop_requested else f"train.minutes={t.minutes:g} spent"
+            self.log(f"{why}: stopping at step {stop} of {t.steps}")
         bundle = None
         if finished and self.is_main:
             lengths = {m: self._training_lengths(m) for m in self.sets if m in ("text", "protein")}
