@@ -37,7 +37,8 @@ from .config import RunConfig, load_config, save_config, to_run_config
 from .errors import BundleError, ConfigError, UserError
 from .files import sha256_file, write_atomic
 from .joint import JointModel
-from .tokens import MODALITIES, VocabMismatchError, VocabSpec, source_key
+from . import modalities
+from .tokens import VocabMismatchError, VocabSpec, source_key
 
 FORMAT, VERSION = "maskdiff-bundle", 1
 ENSEMBLE = "ensemble"  # bundle.json: paths (relative to the bundle) of further models whose conditionals are averaged
@@ -257,7 +258,7 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
 
 def _load_adapter(root: Path, spec: VocabSpec, key: Any) -> Adapter:
     mod, _, dataset = str(key).partition("/")
-    if mod not in MODALITIES or "/" in dataset or dataset.startswith("."):
+    if not modalities.is_known(mod) or "/" in dataset or dataset.startswith("."):
         raise BundleError(f"{root / INFO}: {key!r} is not a source (a modality, or <modality>/<data set>)")
     d = root / ADAPTERS / str(key)
     state = _read_json(d / "state.json")
