@@ -3,7 +3,9 @@ table, evaluated and sampled through the ordinary paths: registering its adapter
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +16,7 @@ import torch
 from dna_adapter import BASES, write_dna
 from training_support import ROOT, TINY, env, metrics
 
-from maskdiff.bundle import Bundle, load_bundle
+from maskdiff.bundle import Bundle, BundleError, load_bundle
 from maskdiff.evaluation import evaluate_records, shard_records, summarise
 from maskdiff.generation import fill
 from maskdiff.modalities import MIN_EMBEDDING_ROWS, modality_id
@@ -64,6 +66,17 @@ def test_takes_the_next_embedding_row_and_keeps_the_builtin_rows(bundle: Bundle)
     emb = bundle.model.denoiser.modality_emb.weight
     assert modality_id("dna") == MIN_EMBEDDING_ROWS == 4 and emb.shape[0] == 5
     assert modality_id("tabular") == 3
+
+
+def test_a_bundle_refuses_modality_ids_that_moved(run: Path, tmp_path: Path) -> None:
+    """Extra modalities take ids in registration order; a model whose ids differ from this process's would read the wrong rows."""
+    moved = shutil.copytree(run / "run" / "bundle", tmp_path / "bundle")
+    info = json.loads((moved / "bundle.json").read_text())
+    assert info["modality_ids"] == {"tabular": 3, "dna": 4}
+    info["modality_ids"]["dna"] = 5
+    (moved / "bundle.json").write_text(json.dumps(info))
+    with pytest.raises(BundleError, match="register the adapters in the order"):
+        load_bundle(moved)
 
 
 def test_evaluates_bits_per_token_under_its_name(run: Path, bundle: Bundle) -> None:

@@ -70,9 +70,24 @@ def modality_id(name: str) -> int:
     return names().index(name)
 
 
+def ids_of(modality_names: list[str]) -> dict[str, int]:
+    """Name -> id of these modalities: what a saved model records, to be checked by :func:`check_ids` on loading."""
+    return {m: modality_id(m) for m in modality_names}
+
+
+def check_ids(saved: dict[str, int]) -> None:
+    """Raise ValueError unless each saved modality has its saved id here (extra modalities take their ids
+    from the order their adapters were registered in)."""
+    moved = {m: i for m, i in saved.items() if not is_known(m) or modality_id(m) != i}
+    if moved:
+        now = {m: modality_id(m) if is_known(m) else None for m in moved}
+        raise ValueError(f"modality ids differ from the model's ({moved} saved, {now} now): register the adapters in the order "
+                         f"the model was trained with")
+
+
 def embedding_rows(modality_names: list[str]) -> int:
     """Rows of a modality embedding that serves these modalities (never fewer than older models had)."""
     return max([MIN_EMBEDDING_ROWS] + [modality_id(m) + 1 for m in modality_names])
 
 
-__all__ = ["MIN_EMBEDDING_ROWS", "Modality", "embedding_rows", "get", "is_known", "modality_id", "names", "register"]
+__all__ = ["MIN_EMBEDDING_ROWS", "Modality", "check_ids", "embedding_rows", "get", "ids_of", "is_known", "modality_id", "names", "register"]
