@@ -27,10 +27,11 @@ ADAPTERS: dict[str, type[Adapter]] = {}
 
 def register_adapter(cls: type[Adapter]) -> type[Adapter]:
     """Make ``cls`` the adapter of its modality, and enter the modality in the registry."""
-    modalities.register(modalities.Modality(cls.modality, cls.default_schedule, cls.per_dim_support, cls.keeps_lengths))
-    known = ADAPTERS.setdefault(cls.modality, cls)
+    known = ADAPTERS.get(cls.modality, cls)
     if known is not cls:
         raise ValueError(f"modality {cls.modality!r} already has the adapter {known.__name__}")
+    modalities.register(modalities.Modality(cls.modality, cls.default_schedule, cls.per_dim_support, cls.keeps_lengths))
+    ADAPTERS[cls.modality] = cls
     return cls
 
 

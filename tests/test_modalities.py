@@ -30,5 +30,10 @@ def test_a_name_is_registered_once() -> None:
     register_adapter(TabularAdapter)  # the same again: nothing changes
     with pytest.raises(ValueError, match="already registered"):
         modalities.register(modalities.Modality("tabular", schedule="cosine"))
+    class OtherTable(TabularAdapter):
+        pass
+
+    with pytest.raises(ValueError, match="already has the adapter TabularAdapter"):
+        register_adapter(OtherTable)
     with pytest.raises(ValueError, match="unknown modality 'nope'"):
         Support("nope/x", "nope", 2)
