@@ -3,6 +3,10 @@
 ``get_adapter("protein", max_len=512)`` builds an adapter (its ``read(paths)``
 gives raw records: ``(record_id, raw)`` pairs or :class:`Rejected`);
 ``ADAPTERS`` maps each modality to its class.
+
+A new modality is one :class:`Adapter` subclass passed to :func:`register_adapter`
+(before its shards are written or read): that enters its modality, with the
+defaults the class declares, in :mod:`maskdiff.modalities`.
 """
 
 from __future__ import annotations
@@ -10,18 +14,30 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from maskdiff import modalities
+
 from .base import OTHER, Adapter, CategoryVocab, InputError, Option, RawItem, Reject, Rejected
 from .pixels import PixelsAdapter
 from .protein import ProteinAdapter
 from .tabular import TabularAdapter
 from .text import TextAdapter
 
-ADAPTERS: dict[str, type[Adapter]] = {
-    "text": TextAdapter,
-    "pixels": PixelsAdapter,
-    "protein": ProteinAdapter,
-    "tabular": TabularAdapter,
-}
+ADAPTERS: dict[str, type[Adapter]] = {}
+
+
+def register_adapter(cls: type[Adapter]) -> type[Adapter]:
+    """Make ``cls`` the adapter of its modality, and enter the modality in the registry."""
+    known = ADAPTERS.get(cls.modality, cls)
+    if known is not cls:
+        raise ValueError(f"modality {cls.modality!r} already has the adapter {known.__name__}")
+    modalities.register(modalities.Modality(cls.modality, cls.default_schedule, cls.per_dim_support, cls.keeps_lengths))
+    ADAPTERS[cls.modality] = cls
+    return cls
+
+
+# This order fixes the built-in modalities' ids, which trained models depend on: never reorder.
+for _builtin in (TextAdapter, PixelsAdapter, ProteinAdapter, TabularAdapter):
+    register_adapter(_builtin)
 
 
 def adapter_class(modality: str) -> type[Adapter]:
@@ -44,5 +60,5 @@ def adapter_from_state(state: dict[str, Any], root_dir: str | Path | None = None
 __all__ = [
     "ADAPTERS", "OTHER", "Adapter", "CategoryVocab", "InputError", "Option", "RawItem", "Reject", "Rejected",
     "PixelsAdapter", "ProteinAdapter", "TabularAdapter", "TextAdapter",
-    "adapter_class", "adapter_from_state", "get_adapter",
+    "adapter_class", "adapter_from_state", "get_adapter", "register_adapter",
 ]

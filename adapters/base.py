@@ -84,6 +84,10 @@ class Adapter(ABC):
 
     modality: ClassVar[str]
     name: ClassVar[str]
+    # how the core treats the modality (maskdiff.modalities.Modality; entered by register_adapter)
+    default_schedule: ClassVar[str | None] = None
+    per_dim_support: ClassVar[str | None] = None
+    keeps_lengths: ClassVar[bool] = False
     options_spec: ClassVar[tuple[Option, ...]] = ()
     namespaced: ClassVar[bool] = False  # takes a ``dataset`` option naming its fitted supports
 

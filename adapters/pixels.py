@@ -51,6 +51,8 @@ IMAGE_KEYS, LABEL_KEYS = ("images", "x", "x_train", "data"), ("labels", "y", "y_
 
 class PixelsAdapter(Adapter):
     modality = "pixels"
+    default_schedule = "cosine"
+    per_dim_support = VALUE  # bits/dim: the image alone, its label left out
     name = "pixels-u8"
     options_spec = (
         Option("size", "required image size HxW (default: the first image's size)", str, metavar="HxW"),

@@ -61,6 +61,8 @@ def parse_header(record_id: str, description: str) -> dict[str, str]:
 
 class ProteinAdapter(Adapter):
     modality = "protein"
+    default_schedule = "linear"
+    keeps_lengths = True  # generation draws a sequence length from the training lengths
     name = "protein-fasta"
     namespaced = True
     options_spec = (

@@ -144,6 +144,7 @@ class NumericBins:
 
 class TabularAdapter(Adapter):
     modality = "tabular"
+    default_schedule = "linear"
     name = "tabular-quantile"
     namespaced = True
     options_spec = (

@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from maskdiff.elbo import antithetic_times, elbo
+from maskdiff.modalities import modality_id
 from maskdiff.schedules import LearnedPoly, ModalitySchedules, make_schedule
-from maskdiff.tokens import MODALITIES, Support
+from maskdiff.tokens import Support
 from oracles import IndependentData, PairData, PosteriorOracle, expected_nelbo
 
-TEXT, PROTEIN = MODALITIES.index("text"), MODALITIES.index("protein")
+TEXT, PROTEIN = modality_id("text"), modality_id("protein")
 
 
 @pytest.fixture(scope="module")

@@ -14,12 +14,13 @@ import torch
 
 from maskdiff.batch import Batch, collate, collate_rows, drop_fields
 from maskdiff.elbo import elbo, elbo_of_masks, position_nats
+from maskdiff.modalities import modality_id
 from maskdiff.model import Denoiser, DenoiserConfig
 from maskdiff.packing import NEW_ROW_FILL, is_full, pack_indices, pack_pool
 from maskdiff.schedules import LearnedPoly, ModalitySchedules, make_schedule
-from maskdiff.tokens import MODALITIES, Field, Record, Support, VocabSpec
+from maskdiff.tokens import Field, Record, Support, VocabSpec
 
-TEXT, TABULAR = MODALITIES.index("text"), MODALITIES.index("tabular")
+TEXT, TABULAR = modality_id("text"), modality_id("tabular")
 SPEC = VocabSpec([Support("text/bpe", "text", 20), Support("tabular/col:x", "tabular", 5), Support("tabular/col:y", "tabular", 3)])
 
 

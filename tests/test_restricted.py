@@ -11,13 +11,14 @@ import torch
 
 from maskdiff.batch import collate
 from maskdiff.elbo import elbo
+from maskdiff.modalities import modality_id
 from maskdiff.model import Denoiser, DenoiserConfig
 from maskdiff.sampler import sample
 from maskdiff.schedules import LearnedPoly, ModalitySchedules, make_schedule
-from maskdiff.tokens import MODALITIES, Field, Record, Support, VocabSpec
+from maskdiff.tokens import Field, Record, Support, VocabSpec
 
 SPEC = VocabSpec([Support("text/bpe", "text", 40), Support("tabular/col:a", "tabular", 3), Support("tabular/col:b", "tabular", 17)])
-TEXT, TAB = MODALITIES.index("text"), MODALITIES.index("tabular")
+TEXT, TAB = modality_id("text"), modality_id("tabular")
 
 
 class DenseView:

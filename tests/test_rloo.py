@@ -11,11 +11,12 @@ import torch
 
 from maskdiff.batch import collate
 from maskdiff.elbo import elbo, position_nats
+from maskdiff.modalities import modality_id
 from maskdiff.schedules import LearnedPoly, ModalitySchedules
-from maskdiff.tokens import MODALITIES, Field, Record
+from maskdiff.tokens import Field, Record
 from oracles import PairData
 
-TEXT = MODALITIES.index("text")
+TEXT = modality_id("text")
 
 
 def setup(t_value: float):

@@ -18,12 +18,13 @@ import torch
 
 import maskdiff.sampler as sampler_module
 from maskdiff.kernels import reference
+from maskdiff.modalities import modality_id
 from maskdiff.sampler import sample, time_grid
 from maskdiff.schedules import LearnedPoly, ModalitySchedules, make_schedule
-from maskdiff.tokens import MODALITIES, Support
+from maskdiff.tokens import Support
 from oracles import IndependentData, PairData, PairOracle, PosteriorOracle, exact_sample_distribution
 
-TEXT, PROTEIN = MODALITIES.index("text"), MODALITIES.index("protein")
+TEXT, PROTEIN = modality_id("text"), modality_id("protein")
 N = 40_000  # rows per joint test
 JOINT = np.array([[0.30, 0.02, 0.01], [0.03, 0.25, 0.04], [0.01, 0.03, 0.31]])  # dependent; marginals all distinct (no topk ties)
 

@@ -62,13 +62,14 @@ from maskdiff import kernels  # noqa: E402
 from maskdiff import sampler as sampler_module  # noqa: E402
 from maskdiff.batch import Batch, collate  # noqa: E402
 from maskdiff.elbo import elbo  # noqa: E402
+from maskdiff.modalities import modality_id  # noqa: E402
 from maskdiff.model import Denoiser, DenoiserConfig  # noqa: E402
 from maskdiff.sampler import SamplerOptions, sample  # noqa: E402
 from maskdiff.schedules import ModalitySchedules, make_schedule  # noqa: E402
-from maskdiff.tokens import MODALITIES, Field, Record, Support, VocabSpec  # noqa: E402
+from maskdiff.tokens import Field, Record, Support, VocabSpec  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-TEXT, TABULAR = MODALITIES.index("text"), MODALITIES.index("tabular")
+TEXT, TABULAR = modality_id("text"), modality_id("tabular")
 SECTIONS = ("train", "eval", "table", "sample", "impute", "kernels", "mfu", "trainer", "shard")
 
 

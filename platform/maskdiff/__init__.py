@@ -5,7 +5,7 @@ from .elbo import ELBOResult, elbo
 from .model import Denoiser, DenoiserConfig
 from .sampler import sample, time_grid
 from .schedules import ModalitySchedules, Schedule, make_schedule
-from .tokens import MISSING, MODALITIES, Field, Record, Support, VocabMismatchError, VocabSpec
+from .tokens import MISSING, Field, Record, Support, VocabMismatchError, VocabSpec
 
 __version__ = "0.1.0"
 
@@ -19,6 +19,6 @@ def load(path, device="cpu"):
 
 __all__ = [
     "Batch", "collate", "split", "ELBOResult", "elbo", "Denoiser", "DenoiserConfig", "sample", "time_grid",
-    "ModalitySchedules", "Schedule", "make_schedule", "MISSING", "MODALITIES", "Field", "Record", "Support",
+    "ModalitySchedules", "Schedule", "make_schedule", "MISSING", "Field", "Record", "Support",
     "VocabMismatchError", "VocabSpec", "load",
 ]

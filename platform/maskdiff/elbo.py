@@ -41,7 +41,8 @@ from .batch import Batch
 from .bits import bits_per_token
 from .outputs import AnyDenoiser, SupportGroup, spec_of, support_logits, support_sizes
 from .schedules import ModalitySchedules, Schedule
-from .tokens import MODALITIES, VocabSpec
+from . import modalities
+from .tokens import VocabSpec
 
 
 @dataclass
@@ -57,7 +58,7 @@ class ELBOResult:
         mods, valid = self.batch.modality_ids, self.batch.valid
         for mid in mods[valid].unique().tolist():
             sel = valid & (mods == mid)
-            out[MODALITIES[mid]] = (float(self.position_nats[sel].sum()), int(sel.sum()))
+            out[modalities.names()[mid]] = (float(self.position_nats[sel].sum()), int(sel.sum()))
         return out
 
     def bits_per_token(self) -> dict[str, float]:

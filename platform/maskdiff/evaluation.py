@@ -21,9 +21,8 @@ from .batch import collate
 from .bits import bits_per_token, mean_bits_and_stderr
 from .errors import UserError
 from .elbo import elbo
-from .tokens import MODALITIES, Record, VocabMismatchError, VocabSpec
-
-IMAGE_SUPPORT = "pixels/value"
+from . import modalities
+from .tokens import Record, VocabMismatchError, VocabSpec
 
 
 @dataclass
@@ -81,7 +80,7 @@ def evaluate_records(bundle, records: Sequence[Record], *, repeats: int = 4, bat
 def summarise(tally: Tally, spec: VocabSpec, records: int) -> dict[str, Any]:
     """Per modality: bits/token (all its fields), its standard error, tokens, and the per-field breakdown."""
     out: dict[str, Any] = {}
-    for mod in MODALITIES:
+    for mod in spec.modalities:
         names = [n for n in tally.tokens if spec.support(n).modality == mod]
         if not names:
             continue
@@ -92,9 +91,10 @@ def summarise(tally: Tally, spec: VocabSpec, records: int) -> dict[str, Any]:
         for n in names:
             b, s = mean_bits_and_stderr(tally.nats[n], tally.tokens[n])
             entry["fields"][n] = {"bits_per_token": b, "stderr": s, "tokens": tally.tokens[n]}
-        if IMAGE_SUPPORT in entry["fields"]:
-            entry["bits_per_dim"] = entry["fields"][IMAGE_SUPPORT]["bits_per_token"]
-            entry["bits_per_dim_stderr"] = entry["fields"][IMAGE_SUPPORT]["stderr"]
+        per_dim = modalities.get(mod).per_dim_support
+        if per_dim in entry["fields"]:
+            entry["bits_per_dim"] = entry["fields"][per_dim]["bits_per_token"]
+            entry["bits_per_dim_stderr"] = entry["fields"][per_dim]["stderr"]
         out[mod] = entry
     return out
 

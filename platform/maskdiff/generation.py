@@ -23,8 +23,6 @@ from .errors import UserError
 from .sampler import SamplerOptions, complete
 from .tokens import Record
 
-CONDITION_FIELDS = {"pixels": "label"}  # protein conditions are named by their header key
-
 
 @dataclass
 class Filled:

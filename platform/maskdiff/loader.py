@@ -44,7 +44,8 @@ from maskdiff.adapters import InputError
 
 from .packing import EXTRA_BUDGETS, pack, pack_pool
 from .shards import MANIFEST, ShardError, ShardSet, load_manifest, write_shards
-from .tokens import MODALITIES, Record, VocabMismatchError, VocabSpec
+from . import modalities
+from .tokens import Record, VocabMismatchError, VocabSpec
 
 
 def record_key(record: Record) -> str:
@@ -99,7 +100,7 @@ def open_sources(rc: RunConfig, rank: int, world_size: int, **kw) -> tuple[dict[
         except (ShardError, VocabMismatchError) as e:
             raise ConfigError(f"config key '{key}': {e}") from None
     spec: VocabSpec | None = None
-    for mod in MODALITIES:
+    for mod in modalities.names():
         if mod in sets:
             spec = sets[mod].spec if spec is None else spec.merged(sets[mod].spec)
     assert spec is not None
@@ -162,7 +163,7 @@ class MixedBatches(IterableDataset):
                  bucket: int = 1, max_len: int | None = None, heldout: float = 0.0, seed: int = 0, rank: int = 0,
                  start: dict[str, Any] | None = None, pack: bool = False):
         super().__init__()
-        self.mods = [m for m in MODALITIES if m in sets and weights.get(m, 0) > 0]
+        self.mods = [m for m in modalities.names() if m in sets and weights.get(m, 0) > 0]
         if not self.mods:
             raise ValueError("no modality with a positive mixing weight")
         total = sum(weights[m] for m in self.mods)

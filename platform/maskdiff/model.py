@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from .batch import Batch
 from .outputs import SupportGroup, group_by_support
-from .tokens import MODALITIES, VocabSpec
+from .tokens import VocabSpec
 
 
 @dataclass
@@ -192,7 +192,7 @@ class Denoiser(nn.Module):
             raise ValueError(f"dim {c.dim} must split into {c.heads} heads of even width")
         self.token_emb = nn.Embedding(spec.vocab_size, c.dim)
         self.field_emb = nn.Embedding(len(spec.supports), c.dim)
-        self.modality_emb = nn.Embedding(len(MODALITIES), c.dim)
+        self.modality_emb = nn.Embedding(spec.modality_rows, c.dim)
         self.time_emb = TimeEmbedding(c.dim) if c.time_conditioning else None
         self.blocks = nn.ModuleList(Block(c) for _ in range(c.depth))
         self.norm = RMSNorm(c.dim)

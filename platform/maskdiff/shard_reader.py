@@ -29,7 +29,8 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from maskdiff.adapters import Adapter, InputError, adapter_class, adapter_from_state
-from maskdiff.tokens import MISSING, MODALITIES, Record, VocabMismatchError, VocabSpec, source_key
+from maskdiff import modalities
+from maskdiff.tokens import MISSING, Record, VocabMismatchError, VocabSpec, source_key
 
 from .shard_format import FORMAT, MANIFEST, READABLE_VERSIONS, ChecksumError, ShardError, decode_sample
 from .shard_source import HashingStream, MissingFile, ShardLocation
@@ -71,7 +72,7 @@ def _check_manifest(path: str, loc: ShardLocation, m: dict[str, Any]) -> None:
             raise ShardError(f"{path}: key '{key}' {what}")
 
     count = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0  # noqa: E731
-    need(m.get("modality") in MODALITIES, "modality", f"must be one of {', '.join(MODALITIES)}")
+    need(isinstance(m.get("modality"), str) and modalities.is_known(m["modality"]), "modality", f"must be one of {', '.join(modalities.names())}")
     for key in ("records_in", "records_written", "records_rejected", "samples_written"):
         need(count(m.get(key)), key, "is missing or not a count")
     adapter = m.get("adapter")

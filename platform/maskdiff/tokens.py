@@ -36,7 +36,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
-MODALITIES: tuple[str, ...] = ("text", "pixels", "protein", "tabular")
+from . import modalities
+
 MISSING = -1  # local id of a missing value
 
 
@@ -62,8 +63,8 @@ class Support:
     coords: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
-        if self.modality not in MODALITIES:
-            raise ValueError(f"support {self.name!r}: unknown modality {self.modality!r}; known: {MODALITIES}")
+        if not modalities.is_known(self.modality):
+            raise ValueError(f"support {self.name!r}: unknown modality {self.modality!r}; known: {modalities.names()}")
         if self.size < 1:
             raise ValueError(f"support {self.name!r}: size must be >= 1, got {self.size}")
         if self.coords is not None:
@@ -134,7 +135,7 @@ class VocabSpec:
         self.mask_id: int = offset
         self.pad_id: int = offset + 1
         self.vocab_size: int = offset + len(self.SPECIAL)
-        self.modalities: list[str] = sorted({s.modality for s in self.supports}, key=MODALITIES.index)
+        self.modalities: list[str] = sorted({s.modality for s in self.supports}, key=modalities.modality_id)
 
     # --- lookup ---------------------------------------------------------------
     def support(self, name: str) -> Support:
@@ -160,7 +161,12 @@ class VocabSpec:
                 and s.name[len(modality) + 1:].partition("/")[2] == local]
 
     def modality_id(self, modality: str) -> int:
-        return MODALITIES.index(modality)
+        return modalities.modality_id(modality)
+
+    @property
+    def modality_rows(self) -> int:
+        """Rows of the modality embedding of a model over this spec."""
+        return modalities.embedding_rows(self.modalities)
 
     def to_global(self, name: str, local: np.ndarray) -> np.ndarray:
         """Local ids of support ``name`` to global ids; MISSING maps to ``mask_id``."""

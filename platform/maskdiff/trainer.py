@@ -57,7 +57,8 @@ from .loader import PositionMismatch, batches, ensure_shards, heldout_batches, i
 from .progress import progress_enabled
 from .shards import ShardSet, field_lengths
 from .tensorboard_log import TENSORBOARD, TensorBoardLog
-from .tokens import MODALITIES, VocabSpec
+from . import modalities
+from .tokens import VocabSpec
 
 CHECKPOINTS, METRICS, CONFIG, SUMMARY, LOCK = "checkpoints", "metrics.jsonl", "config.yaml", "summary.json", ".lock"
 STOP = "STOP"  # a file of this name in the run directory ends the run after the current step (TimeBudget)
@@ -238,22 +239,23 @@ class Tally:
         """The sum over all ranks (every rank must call it)."""
         if not dist.is_initialized() or dist.get_world_size() == 1:
             return self
-        v = torch.tensor([self.nats.get(m, 0.0) for m in MODALITIES] + [self.tokens.get(m, 0) for m in MODALITIES] + [self.positions],
+        names = modalities.names()
+        v = torch.tensor([self.nats.get(m, 0.0) for m in names] + [self.tokens.get(m, 0) for m in names] + [self.positions],
                          dtype=torch.float64, device=device)
         dist.all_reduce(v)
-        k = len(MODALITIES)
+        k = len(names)
         present = [i for i in range(k) if v[k + i] > 0]
-        return Tally({MODALITIES[i]: float(v[i]) for i in present}, {MODALITIES[i]: int(v[k + i]) for i in present}, int(v[-1]))
+        return Tally({names[i]: float(v[i]) for i in present}, {names[i]: int(v[k + i]) for i in present}, int(v[-1]))
 
     def token_counts(self) -> dict[str, int]:
-        return {m: self.tokens[m] for m in MODALITIES if m in self.tokens}
+        return {m: self.tokens[m] for m in modalities.names() if m in self.tokens}
 
     @property
     def total_tokens(self) -> int:
         return sum(self.tokens.values())
 
     def bits_per_token(self) -> dict[str, float]:
-        return {m: bits_per_token(self.nats[m], self.tokens[m]) for m in MODALITIES if self.tokens.get(m)}
+        return {m: bits_per_token(self.nats[m], self.tokens[m]) for m in modalities.names() if self.tokens.get(m)}
 
     def nats_per_token(self) -> float:
         return sum(self.nats.values()) / max(1, self.total_tokens)
@@ -740,7 +742,7 @@ class Trainer:
             self.log(f"{why}: stopping at step {stop} of {t.steps}")
         bundle = None
         if finished and self.is_main:
-            lengths = {m: self._training_lengths(m) for m in self.sets if m in ("text", "protein")}
+            lengths = {m: self._training_lengths(m) for m in self.sets if modalities.get(m).keeps_lengths}
             bundle = export_bundle(self.run_dir / "bundle", self.engine.module, self.cfg, self.spec,
                                    {key: a for s in self.sets.values() for key, a in s.adapters.items()}, step=stop,
                                    metrics={"heldout_bits_per_token": last["eval"]}, lengths=lengths)
