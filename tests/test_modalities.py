@@ -37,3 +37,17 @@ def test_a_name_is_registered_once() -> None:
         register_adapter(OtherTable)
     with pytest.raises(ValueError, match="unknown modality 'nope'"):
         Support("nope/x", "nope", 2)
+
+
+def test_installed_packages_register_adapters_through_entry_points(capsys) -> None:
+    from importlib.metadata import EntryPoint
+
+    from maskdiff.adapters import register_installed
+
+    group = "maskdiff.adapters"
+    found = [EntryPoint("dna", "dna_adapter:DNAAdapter", group), EntryPoint("broken", "no_such_module_here:Adapter", group),
+             EntryPoint("notanadapter", "json:dumps", group)]
+    assert register_installed(found) == ["dna"]
+    assert modalities.is_known("dna") and ADAPTERS["dna"].__name__ == "DNAAdapter"
+    err = capsys.readouterr().err
+    assert "'broken' (no_such_module_here:Adapter) not registered" in err and "json:dumps is not an Adapter subclass" in err
