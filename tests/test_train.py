@@ -162,14 +162,15 @@ def _loader(shards: Path, rank: int, world: int, *overrides: str, start: dict | 
 def test_ranks_and_workers_read_disjoint_records(tmp_path_factory: pytest.TempPathFactory) -> None:
     """2 ranks x 2 DataLoader workers: within an epoch no training record comes out twice."""
     from maskdiff.batch import collate
-    from maskdiff.loader import batches, is_heldout
+    from maskdiff.loader import batches
     from maskdiff.shards import ShardSet
+    from maskdiff.split import training_records
 
     shards = tiny_shard_root(tmp_path_factory)
     seen: list = []
     for rank in (0, 1):
         ds, sets, rc = _loader(shards, rank, 2, "data.sources.text.weight=0", "data.batch_size=1", "data.bucket=1")
-        train = [r for r in ShardSet(sets["tabular"].dirs) if not is_heldout(r, rc.data.heldout)]
+        train = list(training_records(ShardSet(sets["tabular"].dirs), rc.data.heldout))
         it = batches(ds, workers=2)
         seen += [next(it) for _ in range(len(train) // 2 - 10)]  # a little less than one epoch per rank
     everything = _rows(collate([r], ds.spec) for r in train)

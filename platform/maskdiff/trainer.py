@@ -53,9 +53,10 @@ from .bits import bits_per_token
 from .checkpoints import CheckpointError, Choice, choose, safe_load, seal, step_of, tag_for, use_safe_loader, write_latest
 from .config import ConfigError, RunConfig, save_config, to_run_config
 from .joint import JointModel
-from .loader import PositionMismatch, batches, ensure_shards, heldout_batches, is_heldout, open_sources, train_dataset
+from .loader import PositionMismatch, batches, ensure_shards, heldout_batches, open_sources, train_dataset
 from .progress import progress_enabled
 from .shards import ShardSet, field_lengths
+from .split import training_records
 from .tensorboard_log import TENSORBOARD, TensorBoardLog
 from .tokens import MODALITIES, VocabSpec
 
@@ -602,7 +603,7 @@ class Trainer:
     def _training_lengths(self, modality: str) -> dict[str, dict[int, int]]:
         """Length distribution of the variable-length fields of this modality's training records (all ranks' shards)."""
         every = ShardSet(self.sets[modality].dirs, rank=0, world_size=1, bad_shards=self.rc.data.bad_shards)
-        return field_lengths(r for r in every if not is_heldout(r, self.rc.data.heldout))
+        return field_lengths(training_records(every, self.rc.data.heldout))
 
     def _condition_ids(self) -> list[int]:
         for name in self.rc.train.condition_fields:
