@@ -202,10 +202,11 @@ def test_stream_resumes_at_a_saved_position(tmp_path_factory: pytest.TempPathFac
 
 def test_learning_rate_decay_follows_the_time_budget_when_it_runs_out_first() -> None:
     from maskdiff.config import load_config, to_run_config
-    from maskdiff.trainer import TimeBudget, lr_lambda
+    from maskdiff.optimizer import lr_lambda
+    from maskdiff.time_budget import TimeBudget
 
     rc = to_run_config(load_config(TINY, ["train.steps=1000", "optim.warmup_steps=10", "optim.decay=cosine", "optim.min_lr_ratio=0.1"]))
-    budget = TimeBudget(1.0, torch.device("cpu"), 1)
+    budget = TimeBudget(1.0, torch.device("cpu"))
     f = lr_lambda(rc, budget)
     at_step_100 = f(100)  # 90 of 990 decay steps
     assert at_step_100 == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 90 / 990)))
@@ -213,7 +214,7 @@ def test_learning_rate_decay_follows_the_time_budget_when_it_runs_out_first() ->
     assert f(100) == pytest.approx(0.1 + 0.9 * 0.5) and f(5) == pytest.approx(0.6)  # warmup is by steps
     budget.spent = 2.0
     assert f(100) == pytest.approx(0.1)
-    assert TimeBudget(None, torch.device("cpu"), 1).tick() is False
+    assert TimeBudget(None, torch.device("cpu")).tick() is False
 
 
 def test_a_time_budget_stops_the_run_with_a_bundle(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
