@@ -102,7 +102,7 @@ def summarise(tally: Tally, spec: VocabSpec, records: int) -> dict[str, Any]:
 def shard_records(bundle, dirs: Sequence[str | Path], split: str = "auto", limit: int | None = None) -> tuple[dict[str, list[Record]], dict[str, str]]:
     """Records of each shard directory, checked against the bundle; ``split`` all | heldout | auto.
 
-    ``auto`` takes only the held-out records (the trainer's hash split) from the
+    ``auto`` takes only the held-out records (:mod:`maskdiff.split`) from the
     directories the model was trained on, and all records from the others.
     """
     from .shards import ShardSet, load_manifest
