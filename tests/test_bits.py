@@ -21,7 +21,7 @@ def test_mean_and_standard_error_over_estimates() -> None:
 
 
 def test_trainer_tally_reports_the_same_figures() -> None:
-    from maskdiff.trainer import Tally
+    from maskdiff.train_metrics import Tally
 
     tally = Tally()
     tally.add({"tabular": (6 * LN2, 3), "text": (8 * LN2, 4)}, positions=10)

@@ -40,3 +40,47 @@ def test_the_check_sees_each_form_of_import(tmp_path: Path) -> None:
         assert cli_imports(tmp_path / "m.py"), line
     (tmp_path / "m.py").write_text("from .errors import UserError\nfrom .client import x\nimport maskdiff.errors\n")
     assert not cli_imports(tmp_path / "m.py")
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imported_modules(path: Path, known: set[str]) -> set[str]:
+    """The package's modules that ``path`` imports, at the top or inside functions."""
+    here = module_name(path).split(".")
+    package = here if path.name == "__init__.py" else here[:-1]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if not isinstance(node, ast.ImportFrom):
+            continue
+        if node.level:
+            base = ".".join(package[: len(package) - node.level + 1] + ([node.module] if node.module else []))
+        elif (node.module or "").startswith("maskdiff."):
+            base = node.module.removeprefix("maskdiff.")
+        else:
+            continue
+        for alias in node.names:
+            name = f"{base}.{alias.name}".strip(".")
+            found |= {name} & known or {base} & known
+    return found
+
+
+def test_the_library_imports_flow_one_way() -> None:
+    """No cycle among the package's modules: e.g. the trainer uses its rooms (run directory, optimiser, metrics ...), never the reverse."""
+    paths = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph = {name: imported_modules(p, set(paths)) for name, p in paths.items()}
+    assert "run_dir" in graph["trainer"] and "split" in graph["loader"]
+    done: set[str] = set()
+
+    def visit(name: str, path: list[str]) -> None:
+        if name in path:
+            raise AssertionError("import cycle: " + " -> ".join(path[path.index(name):] + [name]))
+        if name not in done:
+            for dep in sorted(graph[name]):
+                visit(dep, path + [name])
+            done.add(name)
+
+    for name in sorted(graph):
+        visit(name, [])

@@ -213,8 +213,9 @@ def test_loader_packs_within_the_budget_and_reads_each_record_once_per_epoch(tmp
     from training_support import TINY, tiny_shard_root
 
     from maskdiff.config import load_config, to_run_config
-    from maskdiff.loader import heldout_batches, is_heldout, open_sources, train_dataset
+    from maskdiff.loader import heldout_batches, open_sources, train_dataset
     from maskdiff.shards import ShardSet
+    from maskdiff.split import training_records
 
     shards = tiny_shard_root(tmp_path_factory)
     rc = to_run_config(load_config(TINY, [f"data.shard_root={shards}", "data.batch_tokens=120", "data.bucket=3", "data.pack=true"]))
@@ -222,7 +223,7 @@ def test_loader_packs_within_the_budget_and_reads_each_record_once_per_epoch(tmp
     ds = train_dataset(rc, sets, spec, 0)
     collate_packed = ds.collate
     ds.collate = lambda rows: rows  # look at the rows themselves
-    train = {m: [r for r in ShardSet(sets[m].dirs) if not is_heldout(r, rc.data.heldout)] for m in ("text", "tabular")}
+    train = {m: list(training_records(ShardSet(sets[m].dirs), rc.data.heldout)) for m in ("text", "tabular")}
     seen: dict[str, list[str]] = {"text": [], "tabular": []}
     slack = 40  # the last pool of an epoch mixes with the next
     it, pad, positions = iter(ds), 0, 0

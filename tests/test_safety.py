@@ -190,7 +190,7 @@ def test_a_diverging_run_stops_and_exports_nothing(shards: Path, tmp_path: Path)
 
 
 def test_non_finite_gradients_skip_the_step() -> None:
-    from maskdiff.trainer import GuardedAdamW
+    from maskdiff.optimizer import GuardedAdamW
 
     p = torch.nn.Parameter(torch.ones(3))
     opt = GuardedAdamW([p], lr=0.1)

@@ -165,14 +165,15 @@ def _loader(shards: Path, rank: int, world: int, *overrides: str, start: dict | 
 def test_ranks_and_workers_read_disjoint_records(tmp_path_factory: pytest.TempPathFactory) -> None:
     """2 ranks x 2 DataLoader workers: within an epoch no training record comes out twice."""
     from maskdiff.batch import collate
-    from maskdiff.loader import batches, is_heldout
+    from maskdiff.loader import batches
     from maskdiff.shards import ShardSet
+    from maskdiff.split import training_records
 
     shards = tiny_shard_root(tmp_path_factory)
     seen: list = []
     for rank in (0, 1):
         ds, sets, rc = _loader(shards, rank, 2, "data.sources.text.weight=0", "data.batch_size=1", "data.bucket=1")
-        train = [r for r in ShardSet(sets["tabular"].dirs) if not is_heldout(r, rc.data.heldout)]
+        train = list(training_records(ShardSet(sets["tabular"].dirs), rc.data.heldout))
         it = batches(ds, workers=2)
         seen += [next(it) for _ in range(len(train) // 2 - 10)]  # a little less than one epoch per rank
     everything = _rows(collate([r], ds.spec) for r in train)
@@ -204,10 +205,11 @@ def test_stream_resumes_at_a_saved_position(tmp_path_factory: pytest.TempPathFac
 
 def test_learning_rate_decay_follows_the_time_budget_when_it_runs_out_first() -> None:
     from maskdiff.config import load_config, to_run_config
-    from maskdiff.trainer import TimeBudget, lr_lambda
+    from maskdiff.optimizer import lr_lambda
+    from maskdiff.time_budget import TimeBudget
 
     rc = to_run_config(load_config(TINY, ["train.steps=1000", "optim.warmup_steps=10", "optim.decay=cosine", "optim.min_lr_ratio=0.1"]))
-    budget = TimeBudget(1.0, torch.device("cpu"), 1)
+    budget = TimeBudget(1.0, torch.device("cpu"))
     f = lr_lambda(rc, budget)
     at_step_100 = f(100)  # 90 of 990 decay steps
     assert at_step_100 == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 90 / 990)))
@@ -215,7 +217,7 @@ def test_learning_rate_decay_follows_the_time_budget_when_it_runs_out_first() ->
     assert f(100) == pytest.approx(0.1 + 0.9 * 0.5) and f(5) == pytest.approx(0.6)  # warmup is by steps
     budget.spent = 2.0
     assert f(100) == pytest.approx(0.1)
-    assert TimeBudget(None, torch.device("cpu"), 1).tick() is False
+    assert TimeBudget(None, torch.device("cpu")).tick() is False
 
 
 def test_a_time_budget_stops_the_run_with_a_bundle(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
@@ -235,11 +237,11 @@ def test_a_time_budget_stops_the_run_with_a_bundle(tmp_path: Path, tmp_path_fact
 
 
 def test_a_stop_file_spends_the_budget_at_once() -> None:
-    from maskdiff.trainer import TimeBudget
+    from maskdiff.time_budget import TimeBudget
 
     with tempfile.TemporaryDirectory() as tmp:
         stop = Path(tmp) / "STOP"
-        budget = TimeBudget(None, torch.device("cpu"), 1, stop)
+        budget = TimeBudget(None, torch.device("cpu"), stop)
         assert budget.tick() is False and budget.spent == 0.0
         stop.touch()
         assert budget.tick() is True and budget.spent >= 1.0 and budget.stop_requested

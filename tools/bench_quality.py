@@ -186,11 +186,11 @@ def tables_markdown(results: list[dict]) -> str:
 
 def bench_likelihood(bundle, args) -> dict:
     from maskdiff.evaluation import evaluate_records, summarise, unigram_bits
-    from maskdiff.generation import heldout_records
+    from maskdiff.generation import training_and_heldout
 
     out = {}
     for mod in bundle.config.modalities:
-        train, test = heldout_records(bundle, mod)
+        train, test = training_and_heldout(bundle, mod)
         test = test[: args.limit]
         s = summarise(evaluate_records(bundle, test, repeats=3, seed=args.seed), bundle.spec, len(test))[mod]
         out[mod] = {"model_bits_per_token": s["bits_per_token"], "stderr": s["stderr"], "unigram_bits_per_token": unigram_bits(train, test, bundle.spec)[mod],
@@ -201,7 +201,7 @@ def bench_likelihood(bundle, args) -> dict:
 
 
 def bench_images(bundle, args) -> dict:
-    from maskdiff.generation import fill, heldout_records
+    from maskdiff.generation import fill, training_and_heldout
     from maskdiff.images import image_records
     from maskdiff.sampler import SamplerOptions
 
@@ -209,7 +209,7 @@ def bench_images(bundle, args) -> dict:
     adapter = bundle.adapters["pixels"]
     if adapter.labels is None:
         raise cli.UserError(f"{args.model}: the pixels model was trained without class labels")
-    train, test = heldout_records(bundle, "pixels")
+    train, test = training_and_heldout(bundle, "pixels")
     X = np.stack([r["image"].tokens.reshape(-1) for r in train]) / 255.0
     y = np.array([adapter.decode(r)["label"] for r in train])
     clf = linear_model.LogisticRegression(max_iter=500).fit(X, y)

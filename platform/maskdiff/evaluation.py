@@ -102,11 +102,11 @@ def summarise(tally: Tally, spec: VocabSpec, records: int) -> dict[str, Any]:
 def shard_records(bundle, dirs: Sequence[str | Path], split: str = "auto", limit: int | None = None) -> tuple[dict[str, list[Record]], dict[str, str]]:
     """Records of each shard directory, checked against the bundle; ``split`` all | heldout | auto.
 
-    ``auto`` takes only the held-out records (the trainer's hash split) from the
+    ``auto`` takes only the held-out records (:mod:`maskdiff.split`) from the
     directories the model was trained on, and all records from the others.
     """
-    from .loader import is_heldout
     from .shards import ShardSet, load_manifest
+    from .split import heldout_records
 
     if split not in ("all", "heldout", "auto"):
         raise UserError(f"--split {split!r}: expected all, heldout or auto")
@@ -122,11 +122,10 @@ def shard_records(bundle, dirs: Sequence[str | Path], split: str = "auto", limit
         which = split if split != "auto" else ("heldout" if d.resolve() in trained else "all")
         used[str(d)] = which
         recs = by_mod.setdefault(m["modality"], [])
-        for rec in shards:
-            if which == "all" or is_heldout(rec, rc.data.heldout):
-                recs.append(rec)
-                if limit is not None and len(recs) >= limit:
-                    break
+        for rec in shards if which == "all" else heldout_records(shards, rc.data.heldout):
+            recs.append(rec)
+            if limit is not None and len(recs) >= limit:
+                break
     for mod, recs in by_mod.items():
         if not recs:
             raise UserError(f"no {mod} records to evaluate (the held-out split is empty: data.heldout={rc.data.heldout}); try --split all")

@@ -33,7 +33,7 @@ from .imputation_quality import score
 from .joint import JointModel
 from .loader import open_sources
 from .tables import Table
-from .trainer import CHECKPOINTS, STOP
+from .run_dir import CHECKPOINTS, STOP
 
 Cell = tuple[int, int]
 CHECKPOINTS_PER_RUN = 30  # over the planned steps: one every 10 passes at the 300-pass cap

@@ -104,18 +104,16 @@ def length_sampler(bundle, modality: str, field: str, dirs: Sequence[str | Path]
     return lengths
 
 
-__all__ = ["Filled", "conditions", "encode_category", "fill", "heldout_records", "length_sampler", "parse_pairs", "training_dirs"]
+__all__ = ["Filled", "conditions", "encode_category", "fill", "length_sampler", "parse_pairs", "training_and_heldout", "training_dirs"]
 
 
-def heldout_records(bundle, modality: str) -> tuple[list[Record], list[Record]]:
-    """(training, held-out) records of ``modality`` in the bundle's own shards, by the trainer's hash split."""
-    from .loader import is_heldout
+def training_and_heldout(bundle, modality: str) -> tuple[list[Record], list[Record]]:
+    """(training, held-out) records of ``modality`` in the bundle's own shards (the split of :mod:`maskdiff.split`)."""
     from .shards import ShardSet
+    from .split import heldout_records, training_records
 
     dirs = training_dirs(bundle, modality)
     if not dirs:
         raise UserError(f"the {modality} training shards of this model are not here")
-    train, test = [], []
-    for rec in ShardSet(dirs):
-        (test if is_heldout(rec, bundle.config.data.heldout) else train).append(rec)
-    return train, test
+    records, fraction = list(ShardSet(dirs)), bundle.config.data.heldout
+    return list(training_records(records, fraction)), list(heldout_records(records, fraction))

@@ -19,8 +19,8 @@
   lengths and modalities share a batch: many table rows, few images. With
   ``data.pack`` the sorted records are packed several to a row instead
   (:mod:`maskdiff.packing`), for training and held-out batches alike.
-* Records are split into training and held-out sets by a hash of their id
-  (and text window), stable across runs, ranks and epochs.
+* Held-out records (:mod:`maskdiff.split`) never reach the training stream;
+  :func:`heldout_batches` cuts a fixed set of them into evaluation batches.
 * The stream is a deterministic function of (seed, rank, worker count) and
   its position is plain data (:meth:`BatchStream.position`: per worker stream,
   the mixing RNG state, each modality's shard / window / record position and the
@@ -30,7 +30,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -45,19 +44,8 @@ from maskdiff.adapters import InputError
 from .packing import EXTRA_BUDGETS, pack, pack_pool
 from .shards import MANIFEST, ShardError, ShardSet, load_manifest, write_shards
 from . import modalities
+from .split import heldout_records, training_records
 from .tokens import Record, VocabMismatchError, VocabSpec
-
-
-def record_key(record: Record) -> str:
-    return f"{record.meta.get('id', '')}#{record.meta.get('window', 0)}"
-
-
-def is_heldout(record: Record, fraction: float) -> bool:
-    """Whether a record belongs to the held-out split (a stable hash of its key)."""
-    if fraction <= 0:
-        return False
-    h = int.from_bytes(hashlib.blake2b(record_key(record).encode(), digest_size=8).digest(), "big")
-    return h / 2.0**64 < fraction
 
 
 def ensure_shards(rc: RunConfig, log: Callable[[str], None] = print) -> list[Path]:
@@ -202,7 +190,7 @@ class MixedBatches(IterableDataset):
         for m in self.mods:
             rank, world = self.sets[m].ranks()
             streams[m] = self.sets[m].stream(rank * nw + k, world * nw, starts[m])
-        records_of = {m: (r for r in streams[m] if not is_heldout(r, self.heldout)) for m in self.mods}
+        records_of = {m: training_records(streams[m], self.heldout) for m in self.mods}
 
         def skipped() -> int:  # bad-shard records this stream's readers passed over so far
             return sum(s.skipped_records for s in streams.values())
@@ -329,12 +317,11 @@ def heldout_batches(rc: RunConfig, spec: VocabSpec, rank: int, world_size: int, 
         records: list[Record] = []
         tokens = 0
         dirs = [rc.data.shard_source(name) for name in rc.data.sources[mod].dirs]
-        for rec in ShardSet(dirs, rank=rank, world_size=world_size, bad_shards=rc.data.bad_shards):
-            if is_heldout(rec, rc.data.heldout):
-                records.append(rec)
-                tokens += len(rec)
-                if limits.full(len(records), tokens, count):
-                    break
+        for rec in heldout_records(ShardSet(dirs, rank=rank, world_size=world_size, bad_shards=rc.data.bad_shards), rc.data.heldout):
+            records.append(rec)
+            tokens += len(rec)
+            if limits.full(len(records), tokens, count):
+                break
         chunks = limits.pack(records) if rc.data.pack else [[[r] for r in chunk] for chunk in limits.split(records)]
         out[mod] = [collate_rows(rows, spec) for rows in chunks[:count]]
     return out
@@ -347,6 +334,6 @@ def train_dataset(rc: RunConfig, sets: Mapping[str, ShardSet], spec: VocabSpec, 
 
 
 __all__ = [
-    "BatchLimits", "BatchStream", "MixedBatches", "PositionMismatch", "batches", "ensure_shards", "heldout_batches", "is_heldout", "open_sources",
-    "record_key", "train_dataset",
+    "BatchLimits", "BatchStream", "MixedBatches", "PositionMismatch", "batches", "ensure_shards", "heldout_batches", "open_sources",
+    "train_dataset",
 ]
