@@ -6,7 +6,7 @@ gives raw records: ``(record_id, raw)`` pairs or :class:`Rejected`);
 
 A new modality is one :class:`Adapter` subclass passed to :func:`register_adapter`
 (before its shards are written or read): that enters its modality, with the
-defaults the class declares, in :mod:`maskdiff.modalities`. An installed
+defaults the class declares, in :mod:`maskdiff.core.modalities`. An installed
 package registers its adapter for every command by declaring it as an entry
 point of the group ``maskdiff.adapters`` (in its pyproject.toml:
 ``[project.entry-points."maskdiff.adapters"] dna = "mypackage.dna:DnaAdapter"``).
@@ -19,7 +19,7 @@ from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 from typing import Any
 
-from maskdiff import modalities
+from maskdiff.core import modalities
 
 from .base import OTHER, Adapter, CategoryVocab, InputError, Option, RawItem, Reject, Rejected
 from .pixels import PixelsAdapter

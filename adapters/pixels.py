@@ -38,7 +38,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
-from maskdiff.tokens import Field, Record, Support
+from maskdiff.core.tokens import Field, Record, Support
 
 from .base import Adapter, CategoryVocab, InputError, Option, RawItem, Reject, Rejected, expand_inputs, open_binary, options_from
 

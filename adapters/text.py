@@ -25,7 +25,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 import sentencepiece as spm
 
-from maskdiff.tokens import Field, Record, Support
+from maskdiff.core.tokens import Field, Record, Support
 
 from .base import Adapter, InputError, Option, RawItem, Reject, Rejected, expand_inputs, open_text, options_from
 

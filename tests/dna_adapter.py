@@ -14,7 +14,7 @@ import numpy as np
 
 from maskdiff.adapters import Adapter, RawItem, Reject, register_adapter
 from maskdiff.adapters.base import expand_inputs, open_text, options_from
-from maskdiff.tokens import Field, Record, Support
+from maskdiff.core.tokens import Field, Record, Support
 
 BASES = "ACGT"
 BASE = "dna/base"

@@ -7,9 +7,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from maskdiff.batch import Batch, collate
-from maskdiff.schedules import ModalitySchedules
-from maskdiff.tokens import Field, Record, Support, VocabSpec
+from maskdiff.core.batch import Batch, collate
+from maskdiff.core.schedules import ModalitySchedules
+from maskdiff.core.tokens import Field, Record, Support, VocabSpec
 
 
 class IndependentData:
@@ -231,7 +231,7 @@ def expected_nelbo(denoiser, batch: Batch, prob: Tensor, schedules: ModalitySche
     else:
         times = t_min + (1 - t_min) * torch.arange(1, steps + 1, dtype=torch.float64) / steps
         weights = torch.full((steps,), 1.0 / steps, dtype=torch.float64)
-    from maskdiff.elbo import position_nats
+    from maskdiff.core.elbo import position_nats
 
     spec = spec if spec is not None else getattr(denoiser, "spec", None)
     patterns = torch.tensor([[(k >> n) & 1 for n in range(L)] for k in range(2**L)], dtype=torch.bool)

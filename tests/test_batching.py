@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from training_support import TINY, tiny_shard_root
 
-from maskdiff.loader import BatchLimits
-from maskdiff.tokens import Field, Record
+from maskdiff.data.loader import BatchLimits
+from maskdiff.core.tokens import Field, Record
 
 
 def records(lengths):
@@ -34,9 +34,9 @@ def test_split_keeps_order_and_budget():
 
 def test_mixed_batches_keep_the_budget_and_read_each_record_once_per_epoch(tmp_path_factory):
     from maskdiff.config import load_config, to_run_config
-    from maskdiff.loader import open_sources, train_dataset
-    from maskdiff.shards import ShardSet
-    from maskdiff.split import training_records
+    from maskdiff.data.loader import open_sources, train_dataset
+    from maskdiff.data.shards import ShardSet
+    from maskdiff.data.split import training_records
 
     shards = tiny_shard_root(tmp_path_factory)
     rc = to_run_config(load_config(TINY, [f"data.shard_root={shards}", "data.sources.text.weight=0", "data.batch_tokens=100",

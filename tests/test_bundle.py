@@ -12,11 +12,11 @@ import pytest
 import torch
 from training_support import ROOT, run_train, tiny_args, tiny_shard_root
 
-from maskdiff.batch import collate, split
+from maskdiff.core.batch import collate, split
 from maskdiff.bundle import BundleError, load_bundle
-from maskdiff.sampler import sample
-from maskdiff.shards import ShardSet
-from maskdiff.tokens import VocabMismatchError
+from maskdiff.core.sampler import sample
+from maskdiff.data.shards import ShardSet
+from maskdiff.core.tokens import VocabMismatchError
 
 pytestmark = pytest.mark.slow
 
@@ -79,8 +79,8 @@ def test_inconsistent_bundle_is_refused(run: tuple[Path, Path], tmp_path: Path) 
 
 
 def test_bundle_carries_the_training_length_distribution(run: tuple[Path, Path]) -> None:
-    from maskdiff.generation import length_sampler
-    from maskdiff.split import training_records
+    from maskdiff.tasks.generation import length_sampler
+    from maskdiff.data.split import training_records
 
     bundle = load_bundle(run[0] / "bundle")
     stored = bundle.info["lengths"]["text"]["text"]

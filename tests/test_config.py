@@ -8,7 +8,7 @@ import pytest
 from training_support import ROOT, TINY, run_train, tiny_args, tiny_shard_root
 
 from maskdiff.config import ConfigError, load_config, to_run_config
-from maskdiff.loader import ensure_shards, open_sources
+from maskdiff.data.loader import ensure_shards, open_sources
 
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 

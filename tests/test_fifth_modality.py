@@ -17,11 +17,11 @@ from dna_adapter import BASES, write_dna
 from training_support import ROOT, TINY, env, metrics
 
 from maskdiff.bundle import Bundle, BundleError, load_bundle
-from maskdiff.evaluation import evaluate_records, shard_records, summarise
-from maskdiff.generation import fill
-from maskdiff.modalities import MIN_EMBEDDING_ROWS, modality_id
-from maskdiff.sampler import SamplerOptions
-from maskdiff.tokens import MISSING, Field, Record
+from maskdiff.tasks.evaluation import evaluate_records, shard_records, summarise
+from maskdiff.tasks.generation import fill
+from maskdiff.core.modalities import MIN_EMBEDDING_ROWS, modality_id
+from maskdiff.core.sampler import SamplerOptions
+from maskdiff.core.tokens import MISSING, Field, Record
 
 pytestmark = pytest.mark.slow
 # tools/train.py, with the DNA adapter registered first (as a user's own adapter module would be)

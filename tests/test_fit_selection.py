@@ -8,10 +8,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from maskdiff import fit_selection
-from maskdiff.checkpoints import seal, tag_for
-from maskdiff.fit_selection import MODEL_STATES, PATIENCE, CheckpointWatch, fill_loss
-from maskdiff.tables import Table
+from maskdiff.tasks import fit_selection
+from maskdiff.training.checkpoints import seal, tag_for
+from maskdiff.tasks.fit_selection import MODEL_STATES, PATIENCE, CheckpointWatch, fill_loss
+from maskdiff.data.tables import Table
 
 
 def test_fill_loss_is_the_mean_over_columns_of_squared_relative_rmse_and_error_rate() -> None:

@@ -71,7 +71,7 @@ def test_the_library_imports_flow_one_way() -> None:
     """No cycle among the package's modules: e.g. the trainer uses its rooms (run directory, optimiser, metrics ...), never the reverse."""
     paths = {module_name(p): p for p in PACKAGE.rglob("*.py")}
     graph = {name: imported_modules(p, set(paths)) for name, p in paths.items()}
-    assert "run_dir" in graph["trainer"] and "split" in graph["loader"]
+    assert "training.run_dir" in graph["training.trainer"] and "data.split" in graph["data.loader"]
     done: set[str] = set()
 
     def visit(name: str, path: list[str]) -> None:
@@ -84,3 +84,22 @@ def test_the_library_imports_flow_one_way() -> None:
 
     for name in sorted(graph):
         visit(name, [])
+
+
+LAYERS = ("core", "data", "training", "tasks")  # each may import those before it, never those after
+
+
+def test_the_folders_are_layers_that_import_only_downwards() -> None:
+    """The science (core) knows nothing of the data path, training or the tasks; the data path nothing of
+    training or the tasks; training nothing of the tasks."""
+    paths = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    upward = []
+    for name, path in paths.items():
+        layer = name.split(".")[0]
+        if layer not in LAYERS:
+            continue
+        for dep in imported_modules(path, set(paths)):
+            if dep.split(".")[0] in LAYERS and LAYERS.index(dep.split(".")[0]) > LAYERS.index(layer):
+                upward.append(f"{name} -> {dep}")
+    assert not upward, upward
+    assert {p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists()} >= set(LAYERS)

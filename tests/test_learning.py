@@ -5,12 +5,12 @@ import math
 import numpy as np
 import torch
 
-from maskdiff.batch import collate
-from maskdiff.elbo import elbo
-from maskdiff.modalities import modality_id
-from maskdiff.model import Denoiser, DenoiserConfig
-from maskdiff.schedules import ModalitySchedules, make_schedule
-from maskdiff.tokens import Field, Record, Support, VocabSpec
+from maskdiff.core.batch import collate
+from maskdiff.core.elbo import elbo
+from maskdiff.core.modalities import modality_id
+from maskdiff.core.model import Denoiser, DenoiserConfig
+from maskdiff.core.schedules import ModalitySchedules, make_schedule
+from maskdiff.core.tokens import Field, Record, Support, VocabSpec
 
 K, L = 8, 6
 SPEC = VocabSpec([Support("protein/residue", "protein", K)])

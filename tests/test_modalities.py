@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from maskdiff import modalities
+from maskdiff.core import modalities
 from maskdiff.adapters import ADAPTERS, TabularAdapter, register_adapter
-from maskdiff.model import Denoiser, DenoiserConfig
-from maskdiff.tokens import Support, VocabSpec
+from maskdiff.core.model import Denoiser, DenoiserConfig
+from maskdiff.core.tokens import Support, VocabSpec
 
 
 def test_builtin_ids_are_the_order_saved_models_use() -> None:

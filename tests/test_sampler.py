@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 import torch
 
-import maskdiff.sampler as sampler_module
-from maskdiff.kernels import reference
-from maskdiff.modalities import modality_id
-from maskdiff.sampler import sample, time_grid
-from maskdiff.schedules import LearnedPoly, ModalitySchedules, make_schedule
-from maskdiff.tokens import Support
+import maskdiff.core.sampler as sampler_module
+from maskdiff.core.kernels import reference
+from maskdiff.core.modalities import modality_id
+from maskdiff.core.sampler import sample, time_grid
+from maskdiff.core.schedules import LearnedPoly, ModalitySchedules, make_schedule
+from maskdiff.core.tokens import Support
 from oracles import IndependentData, PairData, PairOracle, PosteriorOracle, exact_sample_distribution
 
 TEXT, PROTEIN = modality_id("text"), modality_id("protein")
@@ -245,7 +245,7 @@ def test_genmd4_method_needs_a_state_dependent_schedule(data):
 
 
 def test_temperature_and_top_p():
-    from maskdiff.sampler import shape_distribution
+    from maskdiff.core.sampler import shape_distribution
 
     logp = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05, 0.0]], dtype=torch.float64))
     nucleus = shape_distribution(logp, 1.0, 0.7).exp()
@@ -256,7 +256,7 @@ def test_temperature_and_top_p():
 
 
 def test_guidance_sharpens_towards_the_condition():
-    from maskdiff.sampler import guided
+    from maskdiff.core.sampler import guided
 
     cond = torch.log(torch.tensor([[0.6, 0.4, 0.0]], dtype=torch.float64))
     uncond = torch.log(torch.tensor([[0.4, 0.6, 0.0]], dtype=torch.float64))
@@ -269,8 +269,8 @@ def test_guidance_sharpens_towards_the_condition():
 
 
 def test_complete_fills_missing_values_of_records(data):
-    from maskdiff.sampler import complete
-    from maskdiff.tokens import MISSING
+    from maskdiff.core.sampler import complete
+    from maskdiff.core.tokens import MISSING
 
     schedules = SCHEDULES["md4"](data.spec.num_clean)
     records = data.sample(5, seed=2)

@@ -7,8 +7,8 @@ from types import SimpleNamespace
 import pytest
 from training_support import TINY, tiny_shard_root
 
-from maskdiff.split import heldout_records, is_heldout, record_key, training_records
-from maskdiff.tokens import Record
+from maskdiff.data.split import heldout_records, is_heldout, record_key, training_records
+from maskdiff.core.tokens import Record
 
 KEYS = [(f"row{i}", window) for i in range(30) for window in range(2)]
 # the split of KEYS at data.heldout=0.1, as it has been since the first trained models: changing it would
@@ -31,7 +31,7 @@ def test_the_split_of_fixed_keys_does_not_change() -> None:
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     from maskdiff.config import load_config, to_run_config
-    from maskdiff.loader import open_sources
+    from maskdiff.data.loader import open_sources
 
     root = tiny_shard_root(tmp_path_factory)
     rc = to_run_config(load_config(TINY, [f"data.shard_root={root}"]))
@@ -46,10 +46,10 @@ def keys_of(records) -> list[str]:
 
 
 def test_every_caller_takes_the_same_heldout_records(tiny: SimpleNamespace, monkeypatch: pytest.MonkeyPatch) -> None:
-    from maskdiff import loader
-    from maskdiff.evaluation import shard_records
-    from maskdiff.generation import training_and_heldout
-    from maskdiff.shards import ShardSet
+    from maskdiff.data import loader
+    from maskdiff.tasks.evaluation import shard_records
+    from maskdiff.tasks.generation import training_and_heldout
+    from maskdiff.data.shards import ShardSet
 
     rc = tiny.rc
     expected = {m: keys_of(heldout_records(ShardSet(tiny.sets[m].dirs), rc.data.heldout)) for m in rc.modalities}
@@ -71,8 +71,8 @@ def test_every_caller_takes_the_same_heldout_records(tiny: SimpleNamespace, monk
 
 
 def test_the_training_stream_holds_no_heldout_record(tiny: SimpleNamespace) -> None:
-    from maskdiff.loader import open_sources, train_dataset
-    from maskdiff.shards import ShardSet
+    from maskdiff.data.loader import open_sources, train_dataset
+    from maskdiff.data.shards import ShardSet
 
     rc = tiny.rc
     sets, spec = open_sources(rc, 0, 1, repeat=True)

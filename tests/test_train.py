@@ -119,7 +119,7 @@ def test_bad_shard_records_skipped_on_every_rank_and_worker_are_counted_in_metri
     """2 processes x 2 loader workers stream a table over HTTP (data.bad_shards=skip) in which the first shard of reader 0
     (rank 0, worker 0) and of reader 3 (rank 1, worker 1) is corrupt: the first metrics line and the summary count the
     records of both, skipped in two worker processes of two ranks; a resumed run carries the count on."""
-    from maskdiff.shards import ShardSet, write_shards
+    from maskdiff.data.shards import ShardSet, write_shards
 
     root, url, _ = served
     manifest = write_shards("tabular", [PENGUINS], root / "penguins", shard_size=20, bins=16, progress=False)
@@ -155,7 +155,7 @@ def _rows(batches) -> Counter:
 
 def _loader(shards: Path, rank: int, world: int, *overrides: str, start: dict | None = None):
     from maskdiff.config import load_config, to_run_config
-    from maskdiff.loader import open_sources, train_dataset
+    from maskdiff.data.loader import open_sources, train_dataset
 
     rc = to_run_config(load_config(TINY, [f"data.shard_root={shards}", *overrides]))
     sets, spec = open_sources(rc, rank, world, shuffle_buffer=rc.data.shuffle_buffer, seed=rc.seed, repeat=True)
@@ -164,10 +164,10 @@ def _loader(shards: Path, rank: int, world: int, *overrides: str, start: dict | 
 
 def test_ranks_and_workers_read_disjoint_records(tmp_path_factory: pytest.TempPathFactory) -> None:
     """2 ranks x 2 DataLoader workers: within an epoch no training record comes out twice."""
-    from maskdiff.batch import collate
-    from maskdiff.loader import batches
-    from maskdiff.shards import ShardSet
-    from maskdiff.split import training_records
+    from maskdiff.core.batch import collate
+    from maskdiff.data.loader import batches
+    from maskdiff.data.shards import ShardSet
+    from maskdiff.data.split import training_records
 
     shards = tiny_shard_root(tmp_path_factory)
     seen: list = []
@@ -185,7 +185,7 @@ def test_ranks_and_workers_read_disjoint_records(tmp_path_factory: pytest.TempPa
 def test_stream_resumes_at_a_saved_position(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Starting at a saved position gives exactly the batches that followed it (also with workers, mid-turn),
     and a position saved with another worker count is refused with what to do."""
-    from maskdiff.loader import PositionMismatch, batches
+    from maskdiff.data.loader import PositionMismatch, batches
 
     shards = tiny_shard_root(tmp_path_factory)
     for workers in (0, 2):
@@ -205,8 +205,8 @@ def test_stream_resumes_at_a_saved_position(tmp_path_factory: pytest.TempPathFac
 
 def test_learning_rate_decay_follows_the_time_budget_when_it_runs_out_first() -> None:
     from maskdiff.config import load_config, to_run_config
-    from maskdiff.optimizer import lr_lambda
-    from maskdiff.time_budget import TimeBudget
+    from maskdiff.training.optimizer import lr_lambda
+    from maskdiff.training.time_budget import TimeBudget
 
     rc = to_run_config(load_config(TINY, ["train.steps=1000", "optim.warmup_steps=10", "optim.decay=cosine", "optim.min_lr_ratio=0.1"]))
     budget = TimeBudget(1.0, torch.device("cpu"))
@@ -237,7 +237,7 @@ def test_a_time_budget_stops_the_run_with_a_bundle(tmp_path: Path, tmp_path_fact
 
 
 def test_a_stop_file_spends_the_budget_at_once() -> None:
-    from maskdiff.time_budget import TimeBudget
+    from maskdiff.training.time_budget import TimeBudget
 
     with tempfile.TemporaryDirectory() as tmp:
         stop = Path(tmp) / "STOP"

@@ -10,7 +10,7 @@ Layout of a bundle directory::
                          modality, or <modality>/<data set> for a named table or FASTA set
 
 :func:`load_bundle` verifies every file against the sha256 that ``bundle.json``
-lists, rebuilds the :class:`~maskdiff.joint.JointModel` from the config and
+lists, rebuilds the :class:`~maskdiff.core.joint.JointModel` from the config and
 spec, loads the weights strictly (all finite), and checks every adapter's
 supports against the spec, so ids cannot silently shift. A bundle is written
 to a staging directory and swapped into place, and weights that are not
@@ -36,9 +36,9 @@ from maskdiff.adapters import Adapter, adapter_from_state
 from .config import RunConfig, load_config, save_config, to_run_config
 from .errors import BundleError, ConfigError, UserError
 from .files import sha256_file, write_atomic
-from .joint import JointModel
-from . import modalities
-from .tokens import VocabMismatchError, VocabSpec, source_key
+from maskdiff.core.joint import JointModel
+from maskdiff.core import modalities
+from maskdiff.core.tokens import VocabMismatchError, VocabSpec, source_key
 
 FORMAT, VERSION = "maskdiff-bundle", 1
 ENSEMBLE = "ensemble"  # bundle.json: paths (relative to the bundle) of further models whose conditionals are averaged

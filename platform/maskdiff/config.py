@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional, Sequence
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from . import modalities
+from maskdiff.core import modalities
 from .errors import ConfigError
 
 SCHEDULE_KINDS = re.compile(r"^(linear|cosine|geometric|genmd4|poly\d+(\.\d+)?)$")
