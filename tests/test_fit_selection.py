@@ -59,3 +59,12 @@ def test_the_watch_scores_a_bounded_sample_of_rows(monkeypatch) -> None:
     assert watch.table.num_rows == 3 and len(watch.cells) == 3
     # the scored rows keep their own truth beside them
     assert [watch.truth.values[r][0] for r, _ in watch.cells] == [watch.table.values[r][0] for r, _ in watch.cells]
+
+
+def test_without_set_aside_cells_the_watch_never_stops_the_run(tmp_path: Path) -> None:
+    table = Table(["x"], [[1.0], [2.0]], "frame")
+    watch = CheckpointWatch(OmegaConf.create({"run_dir": str(tmp_path)}), table, table, [], seed=0, log=lambda _: None)
+    for step in range(1, PATIENCE + 3):
+        _checkpoint(tmp_path, 100 * step)
+        watch.poll()
+    assert not (tmp_path / "STOP").exists() and watch.best_step is None and watch.scores == {}

@@ -85,6 +85,8 @@ class CheckpointWatch:
 
     def poll(self) -> None:
         """Score the complete checkpoints not scored yet; ask the run to stop when PATIENCE did no better than the best."""
+        if not self.cells:  # nothing set aside (a table too small for it): nothing to judge by, the budget decides
+            return
         root = self.run_dir / CHECKPOINTS
         tags = sorted((p for p in root.iterdir() if p.is_dir() and step_of(p.name) is not None), key=lambda p: p.name) if root.is_dir() else []
         for tag in tags:
@@ -96,7 +98,7 @@ class CheckpointWatch:
             except (OSError, RuntimeError, KeyError):  # pruned by the trainer while being read: it was not the newest
                 continue
             self.scores[step] = loss = self._score(state)
-            if self.best is None or loss < self.scores[self.best[0]]:
+            if self.best is None or loss < self.scores[self.best[0]] or not math.isfinite(self.scores[self.best[0]]):
                 self.best = (step, {k: v.clone() for k, v in state.items()})
         if self.best is not None and sum(s > self.best[0] for s in self.scores) >= PATIENCE and not (self.run_dir / STOP).exists():
             self.log(f"no better fill of the set-aside cells in {PATIENCE} checkpoints after step {self.best[0]}: stopping the run")
