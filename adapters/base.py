@@ -1,6 +1,6 @@
 """The adapter interface and the helpers the four modality adapters share.
 
-An adapter turns one modality's raw records into :class:`maskdiff.tokens.Record`
+An adapter turns one modality's raw records into :class:`maskdiff.core.tokens.Record`
 objects and back. Its life cycle:
 
 * ``read(paths)`` yields ``(record_id, raw)`` pairs, or :class:`Rejected` for
@@ -17,7 +17,7 @@ objects and back. Its life cycle:
 Adapters whose supports are fitted on one data set (``namespaced``: table
 columns, FASTA header fields) take a ``dataset`` option, the name of the shard
 set they were fitted for, and name those supports under it
-(:func:`maskdiff.tokens.source_key`); the adapter's :attr:`Adapter.key` is that
+(:func:`maskdiff.core.tokens.source_key`); the adapter's :attr:`Adapter.key` is that
 prefix, and is how a run with several data sets of one modality tells their
 adapters apart.
 
@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Iterable, Iterator, Sequence, Union
 
-from maskdiff.tokens import MISSING, Record, Support, source_key
+from maskdiff.core.tokens import MISSING, Record, Support, source_key
 
 OTHER = "<other>"  # decoded value of the other/unseen bucket of a category vocabulary
 
@@ -84,6 +84,10 @@ class Adapter(ABC):
 
     modality: ClassVar[str]
     name: ClassVar[str]
+    # how the core treats the modality (maskdiff.core.modalities.Modality; entered by register_adapter)
+    default_schedule: ClassVar[str | None] = None
+    per_dim_support: ClassVar[str | None] = None
+    keeps_lengths: ClassVar[bool] = False
     options_spec: ClassVar[tuple[Option, ...]] = ()
     namespaced: ClassVar[bool] = False  # takes a ``dataset`` option naming its fitted supports
 

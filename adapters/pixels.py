@@ -38,7 +38,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
-from maskdiff.tokens import Field, Record, Support
+from maskdiff.core.tokens import Field, Record, Support
 
 from .base import Adapter, CategoryVocab, InputError, Option, RawItem, Reject, Rejected, expand_inputs, open_binary, options_from
 
@@ -51,6 +51,8 @@ IMAGE_KEYS, LABEL_KEYS = ("images", "x", "x_train", "data"), ("labels", "y", "y_
 
 class PixelsAdapter(Adapter):
     modality = "pixels"
+    default_schedule = "cosine"
+    per_dim_support = VALUE  # bits/dim: the image alone, its label left out
     name = "pixels-u8"
     options_spec = (
         Option("size", "required image size HxW (default: the first image's size)", str, metavar="HxW"),

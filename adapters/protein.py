@@ -17,7 +17,7 @@ Headers are kept in ``meta``: ``id``, ``description`` and the parsed
 of other headers (``;``- or space-separated, as gene callers write them) too.
 Header keys named in ``condition`` become conditioning fields of shape ``(1,)``
 with their own support ``protein/<dataset>/<KEY>`` (``<dataset>``: the name of
-the shard set it was fitted for, see :mod:`maskdiff.tokens`; ``protein/<KEY>``
+the shard set it was fitted for, see :mod:`maskdiff.core.tokens`; ``protein/<KEY>``
 without one), so FASTA sources with different header fields or values train
 together while all share the residues, fitted categories (at most
 ``max_categories``, the most frequent; other values share an *other*
@@ -35,7 +35,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 from Bio import SeqIO
 
-from maskdiff.tokens import Field, Record, Support
+from maskdiff.core.tokens import Field, Record, Support
 
 from .base import Adapter, CategoryVocab, InputError, Option, RawItem, Reject, Rejected, expand_inputs, open_text, options_from
 
@@ -61,6 +61,8 @@ def parse_header(record_id: str, description: str) -> dict[str, str]:
 
 class ProteinAdapter(Adapter):
     modality = "protein"
+    default_schedule = "linear"
+    keeps_lengths = True  # generation draws a sequence length from the training lengths
     name = "protein-fasta"
     namespaced = True
     options_spec = (

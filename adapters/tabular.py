@@ -58,7 +58,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from maskdiff.tokens import MISSING, Field, Record, Support
+from maskdiff.core.tokens import MISSING, Field, Record, Support
 
 from .base import Adapter, CategoryVocab, InputError, Option, RawItem, Reject, Rejected, expand_inputs, open_binary, options_from
 
@@ -144,6 +144,7 @@ class NumericBins:
 
 class TabularAdapter(Adapter):
     modality = "tabular"
+    default_schedule = "linear"
     name = "tabular-quantile"
     namespaced = True
     options_spec = (

@@ -25,7 +25,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 import sentencepiece as spm
 
-from maskdiff.tokens import Field, Record, Support
+from maskdiff.core.tokens import Field, Record, Support
 
 from .base import Adapter, InputError, Option, RawItem, Reject, Rejected, expand_inputs, open_text, options_from
 
@@ -37,6 +37,8 @@ TRAIN_PIECE = 4096  # characters per training sentence (at most 16 KiB of UTF-8,
 
 class TextAdapter(Adapter):
     modality = "text"
+    default_schedule = "linear"
+    keeps_lengths = True  # generation draws a text length from the training lengths
     name = "text-bpe"
     options_spec = (
         Option("vocab_size", "BPE vocabulary size when training (default 4096; a soft limit on small inputs)", int, metavar="N"),

@@ -107,7 +107,7 @@ def mnist_png_folder(dest: Path, n: int = 30) -> Path:
 @functools.lru_cache(maxsize=None)
 def built(modality: str) -> tuple[Path, dict[str, Any]]:
     """A shard directory of a small sample of the shipped data, built once per test run."""
-    from maskdiff.shards import write_shards
+    from maskdiff.data.shards import write_shards
 
     src = scratch(f"src-{modality}")
     out = _SCRATCH / f"shards-{modality}"

@@ -21,8 +21,8 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from maskdiff.kernels import reference  # noqa: E402
-from maskdiff.kernels import triton_kernels as tk  # noqa: E402
+from maskdiff.core.kernels import reference  # noqa: E402
+from maskdiff.core.kernels import triton_kernels as tk  # noqa: E402
 
 
 def _ce_case(n: int, K: int, mode: str, seed: int = 0) -> None:
@@ -71,8 +71,8 @@ def _reverse_case(n: int, K: int, with_rate: bool, temperature: float, seed: int
 def _elbo_and_sampler_end_to_end() -> None:
     from test_restricted import make, make_batch
 
-    from maskdiff.elbo import elbo
-    from maskdiff.sampler import sample
+    from maskdiff.core.elbo import elbo
+    from maskdiff.core.sampler import sample
 
     model, schedules = make(time_conditioning=True)
     batch = make_batch(n=3)

@@ -7,9 +7,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from maskdiff.batch import Batch, collate
-from maskdiff.schedules import ModalitySchedules
-from maskdiff.tokens import Field, Record, Support, VocabSpec
+from maskdiff.core.batch import Batch, collate
+from maskdiff.core.schedules import ModalitySchedules
+from maskdiff.core.tokens import Field, Record, Support, VocabSpec
 
 
 class IndependentData:
@@ -231,7 +231,7 @@ def expected_nelbo(denoiser, batch: Batch, prob: Tensor, schedules: ModalitySche
     else:
         times = t_min + (1 - t_min) * torch.arange(1, steps + 1, dtype=torch.float64) / steps
         weights = torch.full((steps,), 1.0 / steps, dtype=torch.float64)
-    from maskdiff.elbo import position_nats
+    from maskdiff.core.elbo import position_nats
 
     spec = spec if spec is not None else getattr(denoiser, "spec", None)
     rows, tt, masked, q = _every_mask(batch, schedules, times)
@@ -241,7 +241,7 @@ def expected_nelbo(denoiser, batch: Batch, prob: Tensor, schedules: ModalitySche
 
 def expected_reconstruction(denoiser, batch: Batch, prob: Tensor, schedules: ModalitySchedules, spec: VocabSpec | None = None) -> Tensor:
     """E_{x0 ~ prob} E_{z ~ q(. | x0) at t_min} of -log p(x0 | z), p the denoiser's prediction at t_min: exactly."""
-    from maskdiff.elbo import reconstruction_nats
+    from maskdiff.core.elbo import reconstruction_nats
 
     spec = spec if spec is not None else getattr(denoiser, "spec", None)
     rows, _, masked, q = _every_mask(batch, schedules, torch.tensor([schedules.t_min], dtype=torch.float64))

@@ -24,8 +24,8 @@ from maskdiff.commands import COMMANDS
 def tiny_bundle() -> Path:
     from maskdiff.bundle import export_bundle
     from maskdiff.config import load_config, to_run_config
-    from maskdiff.joint import JointModel
-    from maskdiff.shards import ShardSet
+    from maskdiff.core.joint import JointModel
+    from maskdiff.data.shards import ShardSet
 
     root = scratch("tasks-bundle")
     src = root / "src"
@@ -50,7 +50,7 @@ def tiny_bundle() -> Path:
 
 
 def _shards(modality: str, inputs: list[Any], out: Path, **options: Any) -> Path:
-    from maskdiff.shards import write_shards
+    from maskdiff.data.shards import write_shards
 
     write_shards(modality, inputs, out, progress=False, **options)
     return out

@@ -10,7 +10,7 @@ from adapter_fixtures import MNIST_IMAGES, MNIST_LABELS, mnist_arrays, mnist_png
 from PIL import Image
 
 from maskdiff.adapters import OTHER, InputError, PixelsAdapter, Reject, Rejected, adapter_from_state
-from maskdiff.tokens import MISSING
+from maskdiff.core.tokens import MISSING
 
 
 def test_mnist_idx_round_trip_with_labels():

@@ -11,7 +11,7 @@ from Bio import SeqIO
 
 from maskdiff.adapters import InputError, ProteinAdapter, Reject, Rejected, adapter_from_state
 from maskdiff.adapters.protein import ALPHABET, parse_header
-from maskdiff.tokens import MISSING
+from maskdiff.core.tokens import MISSING
 
 
 def _biopython_records(path):

@@ -12,7 +12,7 @@ from adapter_fixtures import ADULT, PENGUINS, PENGUINS_RAW, read_all, scratch
 
 from maskdiff.adapters import OTHER, InputError, Reject, Rejected, TabularAdapter, adapter_from_state
 from maskdiff.adapters.tabular import NumericBins
-from maskdiff.tokens import MISSING
+from maskdiff.core.tokens import MISSING
 
 NA = {"", "NA", "N/A", "?", "NaN", "null", "NULL"}
 

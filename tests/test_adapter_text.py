@@ -9,7 +9,7 @@ import pytest
 from adapter_fixtures import SHAKESPEARE, read_all, scratch
 
 from maskdiff.adapters import InputError, Reject, Rejected, TextAdapter, adapter_from_state
-from maskdiff.tokens import VocabSpec
+from maskdiff.core.tokens import VocabSpec
 
 
 @pytest.fixture(scope="module")

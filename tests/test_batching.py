@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from training_support import TINY, tiny_shard_root
 
-from maskdiff.loader import BatchLimits
-from maskdiff.tokens import Field, Record
+from maskdiff.data.loader import BatchLimits
+from maskdiff.core.tokens import Field, Record
 
 
 def records(lengths):
@@ -34,8 +34,9 @@ def test_split_keeps_order_and_budget():
 
 def test_mixed_batches_keep_the_budget_and_read_each_record_once_per_epoch(tmp_path_factory):
     from maskdiff.config import load_config, to_run_config
-    from maskdiff.loader import is_heldout, open_sources, train_dataset
-    from maskdiff.shards import ShardSet
+    from maskdiff.data.loader import open_sources, train_dataset
+    from maskdiff.data.shards import ShardSet
+    from maskdiff.data.split import training_records
 
     shards = tiny_shard_root(tmp_path_factory)
     rc = to_run_config(load_config(TINY, [f"data.shard_root={shards}", "data.sources.text.weight=0", "data.batch_tokens=100",
@@ -43,7 +44,7 @@ def test_mixed_batches_keep_the_budget_and_read_each_record_once_per_epoch(tmp_p
     sets, spec = open_sources(rc, 0, 1, shuffle_buffer=rc.data.shuffle_buffer, seed=rc.seed, repeat=True)
     ds = train_dataset(rc, sets, spec, 0)
     ds.collate = lambda recs: recs  # look at the records themselves
-    train = [r for r in ShardSet(sets["tabular"].dirs) if not is_heldout(r, rc.data.heldout)]
+    train = list(training_records(ShardSet(sets["tabular"].dirs), rc.data.heldout))
     seen, it = [], iter(ds)
     slack = 24  # records of the last bucket of an epoch may be reordered with the next epoch's first
     while len(seen) < len(train) + slack:

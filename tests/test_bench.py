@@ -6,11 +6,11 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from maskdiff.batch import collate
-from maskdiff.elbo import position_nats
-from maskdiff.model import Denoiser, DenoiserConfig
-from maskdiff.schedules import ModalitySchedules, make_schedule
-from maskdiff.tokens import Field, Record, Support, VocabSpec
+from maskdiff.core.batch import collate
+from maskdiff.core.elbo import position_nats
+from maskdiff.core.model import Denoiser, DenoiserConfig
+from maskdiff.core.schedules import ModalitySchedules, make_schedule
+from maskdiff.core.tokens import Field, Record, Support, VocabSpec
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tools"))
 import bench  # noqa: E402

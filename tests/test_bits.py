@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from maskdiff.bits import LN2, bits_per_token, ratio_bits_and_stderr
+from maskdiff.core.bits import LN2, bits_per_token, ratio_bits_and_stderr
 
 
 def test_bits_per_token_is_nats_over_n_ln2() -> None:
@@ -25,7 +25,7 @@ def test_ratio_and_standard_error_over_records_by_hand() -> None:
 
 
 def test_trainer_tally_reports_the_same_figures() -> None:
-    from maskdiff.trainer import Tally
+    from maskdiff.training.train_metrics import Tally
 
     tally = Tally()
     tally.add({"tabular": (6 * LN2, 3), "text": (8 * LN2, 4)}, positions=10)

@@ -12,11 +12,11 @@ import pytest
 import torch
 from training_support import ROOT, run_train, tiny_args, tiny_shard_root
 
-from maskdiff.batch import collate, split
+from maskdiff.core.batch import collate, split
 from maskdiff.bundle import BundleError, load_bundle
-from maskdiff.sampler import sample
-from maskdiff.shards import ShardSet
-from maskdiff.tokens import VocabMismatchError
+from maskdiff.core.sampler import sample
+from maskdiff.data.shards import ShardSet
+from maskdiff.core.tokens import VocabMismatchError
 
 pytestmark = pytest.mark.slow
 
@@ -79,12 +79,12 @@ def test_inconsistent_bundle_is_refused(run: tuple[Path, Path], tmp_path: Path) 
 
 
 def test_bundle_carries_the_training_length_distribution(run: tuple[Path, Path]) -> None:
-    from maskdiff.generation import length_sampler
-    from maskdiff.loader import is_heldout
+    from maskdiff.tasks.generation import length_sampler
+    from maskdiff.data.split import training_records
 
     bundle = load_bundle(run[0] / "bundle")
     stored = bundle.info["lengths"]["text"]["text"]
-    windows = [r for r in ShardSet(run[1] / "tiny-shakespeare") if not is_heldout(r, bundle.config.data.heldout)]
+    windows = list(training_records(ShardSet(run[1] / "tiny-shakespeare"), bundle.config.data.heldout))
     assert sum(stored.values()) == len(windows) and len(stored) > 1  # the last window of a document is shorter
     assert "tabular" not in bundle.info["lengths"]  # fixed-length records need no distribution
     draws = length_sampler(bundle, "text", "text")  # from the bundle alone: no shard directory needed

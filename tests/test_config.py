@@ -8,7 +8,7 @@ import pytest
 from training_support import ROOT, TINY, run_train, tiny_args, tiny_shard_root
 
 from maskdiff.config import ConfigError, load_config, to_run_config
-from maskdiff.loader import ensure_shards, open_sources
+from maskdiff.data.loader import ensure_shards, open_sources
 
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
@@ -45,7 +45,6 @@ def test_overrides_and_base_chain(tmp_path: Path) -> None:
         (["deepspeed.zero_stage=3"], "deepspeed.zero_stage"),
         (["schedules.text.draws=1"], "schedules.text.draws"),
         (["data.sources.protein.weight=1.0", "schedules.protein.kind=linear"], "data.sources.protein.weight"),
-        (["data.sources.pixels.dirs=[mnist]"], "schedules.pixels"),
         (["model.heads=3"], "model.heads"),
         (["train.condition_dropout=0.2"], "train.condition_fields"),
         (["train.condition_dropout=1.5", "train.condition_fields=[tabular/col:species]"], "train.condition_dropout"),
@@ -54,6 +53,12 @@ def test_overrides_and_base_chain(tmp_path: Path) -> None:
 def test_bad_values_name_the_key(overrides: list[str], key: str) -> None:
     with pytest.raises(ConfigError, match=f"'{key}'"):
         load_config(TINY, overrides)
+
+
+def test_a_modality_without_a_schedule_takes_its_adapters_default() -> None:
+    rc = to_run_config(load_config(TINY, ["data.sources.pixels.dirs=[mnist]"]))
+    assert rc.schedules["pixels"].kind == "cosine"  # PixelsAdapter.default_schedule
+    assert rc.schedules["tabular"].kind == "linear" and rc.schedules["text"].kind == "genmd4"  # named ones stay
 
 
 def test_tensorboard_without_its_package_names_the_switch(monkeypatch: pytest.MonkeyPatch) -> None:

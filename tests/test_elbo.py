@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from maskdiff.elbo import antithetic_times, elbo
-from maskdiff.schedules import LearnedPoly, ModalitySchedules, make_schedule
-from maskdiff.tokens import MODALITIES, Support
+from maskdiff.core.elbo import antithetic_times, elbo
+from maskdiff.core.modalities import modality_id
+from maskdiff.core.schedules import LearnedPoly, ModalitySchedules, make_schedule
+from maskdiff.core.tokens import Support
 from oracles import IndependentData, PairData, PosteriorOracle, expected_nelbo, expected_reconstruction
 
-TEXT, PROTEIN = MODALITIES.index("text"), MODALITIES.index("protein")
+TEXT, PROTEIN = modality_id("text"), modality_id("protein")
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +77,8 @@ def test_expected_elbo_terms_in_closed_form():
     """
     p = [0.6, 0.3, 0.1]
     data = IndependentData([Support("text/a", "text", 3)], {"a": ("text/a", [p])})
-    from maskdiff.batch import collate
-    from maskdiff.tokens import Field, Record
+    from maskdiff.core.batch import collate
+    from maskdiff.core.tokens import Field, Record
 
     batch = collate([Record([Field("a", "text/a", [v])]) for v in range(3)], data.spec)
     prob = torch.tensor(p, dtype=torch.float64)
@@ -188,7 +189,7 @@ def test_antithetic_times_cover_the_interval():
 
 
 def test_missing_and_padding_do_not_count(data):
-    from maskdiff.batch import collate
+    from maskdiff.core.batch import collate
 
     records = data.sample(4, seed=0)
     records[0].fields[1].tokens[1] = -1  # a missing value
@@ -202,8 +203,8 @@ def test_missing_and_padding_do_not_count(data):
 
 def test_discrete_time_genmd4_converges_to_continuous():
     """The T-step GenMD4 bound (with its stay-masked KL term) tends to the continuous one."""
-    from maskdiff.batch import collate
-    from maskdiff.tokens import Field, Record
+    from maskdiff.core.batch import collate
+    from maskdiff.core.tokens import Field, Record
 
     p = [0.6, 0.3, 0.1]
     data = IndependentData([Support("text/a", "text", 3)], {"a": ("text/a", [p])})
@@ -261,8 +262,8 @@ def test_reconstruction_and_prior_use_the_support_size_from_the_spec():
     """A value of probability 0 (log mu = -inf) is still one of the K values of its field: K = 3, not 2."""
     p = [0.7, 0.3, 0.0]
     data = IndependentData([Support("text/a", "text", 3)], {"a": ("text/a", [p])})
-    from maskdiff.batch import collate
-    from maskdiff.tokens import Field, Record
+    from maskdiff.core.batch import collate
+    from maskdiff.core.tokens import Field, Record
 
     batch = collate([Record([Field("a", "text/a", [v])]) for v in range(2)], data.spec)
     prob = torch.tensor(p[:2], dtype=torch.float64)

@@ -22,8 +22,8 @@ from adapter_fixtures import SHAKESPEARE, built, scratch  # noqa: E402
 from maskdiff.adapters import InputError, PixelsAdapter, ProteinAdapter, Reject, Rejected, TextAdapter  # noqa: E402
 from maskdiff.bundle import BundleError, load_bundle  # noqa: E402
 from maskdiff.config import ConfigError, load_config  # noqa: E402
-from maskdiff.shards import ShardSet  # noqa: E402
-from maskdiff.tokens import VocabMismatchError  # noqa: E402
+from maskdiff.data.shards import ShardSet  # noqa: E402
+from maskdiff.core.tokens import VocabMismatchError  # noqa: E402
 
 FUZZ = settings(max_examples=60, deadline=timedelta(seconds=3), suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
                 derandomize=True, database=None)
@@ -218,7 +218,7 @@ def test_csv_table(data: bytes) -> None:
     """The tabular adapter and the imputation reader: rows read or rejected with a reason, else one line."""
     from maskdiff.adapters import TabularAdapter
     from maskdiff.errors import UserError
-    from maskdiff.tables import read_table
+    from maskdiff.data.tables import read_table
 
     path = _file("t.csv", data)
     adapter = TabularAdapter()
@@ -244,7 +244,7 @@ def test_csv_table(data: bytes) -> None:
 def test_parquet_table(data: bytes) -> None:
     from maskdiff.adapters import TabularAdapter
     from maskdiff.errors import UserError
-    from maskdiff.tables import read_table
+    from maskdiff.data.tables import read_table
 
     path = _file("t.parquet", b"PAR1" + data)
     try:

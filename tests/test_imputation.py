@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from types import SimpleNamespace
 
@@ -12,9 +13,9 @@ from adapter_fixtures import scratch
 from tasks_fixtures import run_tool
 
 from maskdiff.adapters.tabular import TabularAdapter
-from maskdiff.imputation import impute
-from maskdiff.tables import Table, read_table
-from maskdiff.tokens import VocabSpec
+from maskdiff.tasks.imputation import impute
+from maskdiff.data.tables import Table, read_table
+from maskdiff.core.tokens import VocabSpec
 
 
 def toy_bundle(distribution):
@@ -100,6 +101,10 @@ def test_fit_and_impute_in_one_command_learns_a_dependency(capsys):
                               "--run-dir", tmp / "run", "--no-progress")
     assert code == 0, err
     assert f"--model {tmp / 'run' / 'model' / 'bundle'}" in err and (tmp / "run" / "model" / "config.yaml").is_file()
+    # the set-aside cells scored the run's checkpoints; the bundle holds the best one's weights, and the checkpoints are gone
+    selected = json.loads((tmp / "run" / "model" / "bundle" / "bundle.json").read_text())["selected_step"]
+    assert selected["scores"][str(selected["step"])] == min(selected["scores"].values())
+    assert not (tmp / "run" / "model" / "checkpoints").exists()
     filled = read_table(tmp / "out.csv")
     b_hits = [filled.values[r][1] == truth.values[r][1] for r in range(truth.num_rows) if hide[r, 0]]
     n_err = [float(filled.values[r][2]) - float(truth.values[r][2]) for r in range(truth.num_rows) if hide[r, 1]]
@@ -150,7 +155,7 @@ def test_scikit_learn_imputer_in_a_pipeline():
     pipeline = pytest.importorskip("sklearn.pipeline")
     from sklearn.base import clone
 
-    from maskdiff.imputer import MaskdiffImputer
+    from maskdiff.tasks.imputer import MaskdiffImputer
 
     tmp = scratch("sk-imputer")
     truth = pd.read_csv(synthetic_table(tmp / "t.csv", rows=200, seed=2))
@@ -187,7 +192,7 @@ def test_a_row_of_100k_columns_is_refused_before_fitting(capsys):
 
 
 def test_validation_cells_take_a_tenth_of_each_column_within_bounds():
-    from maskdiff.imputation_calibration import validation_cells
+    from maskdiff.tasks.imputation_calibration import validation_cells
 
     rows = [[str(i), str(i) if i % 2 else None, str(i) if i < 40 else None] for i in range(1000)]
     table = Table(["full", "half", "few"], rows, "frame")
@@ -198,7 +203,7 @@ def test_validation_cells_take_a_tenth_of_each_column_within_bounds():
 
 
 def test_calibration_shrinks_an_overconfident_guess_to_the_least_squares_weight_and_falls_back_to_the_mode():
-    from maskdiff.imputation_calibration import calibrated, fit_calibration, from_info, to_json
+    from maskdiff.tasks.imputation_calibration import calibrated, fit_calibration, from_info, to_json
 
     rng = np.random.default_rng(0)
     y = rng.normal(5.0, 2.0, 200)
@@ -223,7 +228,7 @@ def test_calibration_shrinks_an_overconfident_guess_to_the_least_squares_weight_
 
 
 def test_best_guesses_apply_the_bundles_calibration_and_draws_do_not():
-    from maskdiff.imputation_calibration import ColumnCalibration, to_json
+    from maskdiff.tasks.imputation_calibration import ColumnCalibration, to_json
 
     bundle = toy_bundle(lambda x_t, spec: probs(spec, [0.0, 0.0, 0.0, 1.0], [0.9, 0.1, 0.0]))
     means = bundle.adapters["tabular"].columns["x"].means

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from adapter_fixtures import scratch
 
-from maskdiff.imputation_quality import hide_cells, mode_mean_baseline, score, with_hidden
-from maskdiff.tables import Table, read_table
+from maskdiff.tasks.imputation_quality import hide_cells, mode_mean_baseline, score, with_hidden
+from maskdiff.data.tables import Table, read_table
 
 KINDS = {"x": "numeric", "k": "categorical"}
 

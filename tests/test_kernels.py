@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from maskdiff import kernels
+from maskdiff.core import kernels
 
 HERE = Path(__file__).parent
 NAMES = [

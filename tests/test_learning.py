@@ -5,11 +5,12 @@ import math
 import numpy as np
 import torch
 
-from maskdiff.batch import collate
-from maskdiff.elbo import elbo
-from maskdiff.model import Denoiser, DenoiserConfig
-from maskdiff.schedules import ModalitySchedules, make_schedule
-from maskdiff.tokens import MODALITIES, Field, Record, Support, VocabSpec
+from maskdiff.core.batch import collate
+from maskdiff.core.elbo import elbo
+from maskdiff.core.modalities import modality_id
+from maskdiff.core.model import Denoiser, DenoiserConfig
+from maskdiff.core.schedules import ModalitySchedules, make_schedule
+from maskdiff.core.tokens import Field, Record, Support, VocabSpec
 
 K, L = 8, 6
 SPEC = VocabSpec([Support("protein/residue", "protein", K)])
@@ -28,7 +29,7 @@ def test_small_model_beats_unigram_entropy():
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     model = Denoiser(SPEC, DenoiserConfig(dim=64, depth=2, heads=4))
-    schedules = ModalitySchedules({MODALITIES.index("protein"): make_schedule("cosine")})
+    schedules = ModalitySchedules({modality_id("protein"): make_schedule("cosine")})
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(0)
     for _ in range(300):

@@ -21,10 +21,10 @@ from training_support import run_train
 from maskdiff.bundle import BundleError, load_bundle
 from maskdiff.cli import UserError
 from maskdiff.files import sha256_file
-from maskdiff.imputation import impute
-from maskdiff.shards import MANIFEST, ShardSet, write_shards
-from maskdiff.tables import Table
-from maskdiff.tokens import VocabMismatchError
+from maskdiff.tasks.imputation import impute
+from maskdiff.data.shards import MANIFEST, ShardSet, write_shards
+from maskdiff.data.tables import Table
+from maskdiff.core.tokens import VocabMismatchError
 
 ADULT_SEX, PENGUIN_SEX = {"Female", "Male"}, {"female", "male"}
 

@@ -4,9 +4,9 @@
 import pytest
 import torch
 
-from maskdiff.batch import collate
-from maskdiff.model import Denoiser, DenoiserConfig
-from maskdiff.tokens import Field, Record, Support, VocabSpec
+from maskdiff.core.batch import collate
+from maskdiff.core.model import Denoiser, DenoiserConfig
+from maskdiff.core.tokens import Field, Record, Support, VocabSpec
 
 SPEC = VocabSpec([Support("text/bpe", "text", 20), Support("tabular/col:x", "tabular", 5)])
 CFG = DenoiserConfig(dim=32, depth=2, heads=2)

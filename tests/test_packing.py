@@ -12,14 +12,15 @@ import numpy as np
 import pytest
 import torch
 
-from maskdiff.batch import Batch, collate, collate_rows, drop_fields
-from maskdiff.elbo import elbo, elbo_of_masks, position_nats
-from maskdiff.model import Denoiser, DenoiserConfig
-from maskdiff.packing import NEW_ROW_FILL, is_full, pack_indices, pack_pool
-from maskdiff.schedules import LearnedPoly, ModalitySchedules, make_schedule
-from maskdiff.tokens import MODALITIES, Field, Record, Support, VocabSpec
+from maskdiff.core.batch import Batch, collate, collate_rows, drop_fields
+from maskdiff.core.elbo import elbo, elbo_of_masks, position_nats
+from maskdiff.core.modalities import modality_id
+from maskdiff.core.model import Denoiser, DenoiserConfig
+from maskdiff.core.packing import NEW_ROW_FILL, is_full, pack_indices, pack_pool
+from maskdiff.core.schedules import LearnedPoly, ModalitySchedules, make_schedule
+from maskdiff.core.tokens import Field, Record, Support, VocabSpec
 
-TEXT, TABULAR = MODALITIES.index("text"), MODALITIES.index("tabular")
+TEXT, TABULAR = modality_id("text"), modality_id("tabular")
 SPEC = VocabSpec([Support("text/bpe", "text", 20), Support("tabular/col:x", "tabular", 5), Support("tabular/col:y", "tabular", 3)])
 
 
@@ -212,8 +213,9 @@ def test_loader_packs_within_the_budget_and_reads_each_record_once_per_epoch(tmp
     from training_support import TINY, tiny_shard_root
 
     from maskdiff.config import load_config, to_run_config
-    from maskdiff.loader import heldout_batches, is_heldout, open_sources, train_dataset
-    from maskdiff.shards import ShardSet
+    from maskdiff.data.loader import heldout_batches, open_sources, train_dataset
+    from maskdiff.data.shards import ShardSet
+    from maskdiff.data.split import training_records
 
     shards = tiny_shard_root(tmp_path_factory)
     rc = to_run_config(load_config(TINY, [f"data.shard_root={shards}", "data.batch_tokens=120", "data.bucket=3", "data.pack=true"]))
@@ -221,7 +223,7 @@ def test_loader_packs_within_the_budget_and_reads_each_record_once_per_epoch(tmp
     ds = train_dataset(rc, sets, spec, 0)
     collate_packed = ds.collate
     ds.collate = lambda rows: rows  # look at the rows themselves
-    train = {m: [r for r in ShardSet(sets[m].dirs) if not is_heldout(r, rc.data.heldout)] for m in ("text", "tabular")}
+    train = {m: list(training_records(ShardSet(sets[m].dirs), rc.data.heldout)) for m in ("text", "tabular")}
     seen: dict[str, list[str]] = {"text": [], "tabular": []}
     slack = 40  # the last pool of an epoch mixes with the next
     it, pad, positions = iter(ds), 0, 0
@@ -243,8 +245,8 @@ def test_loader_packs_within_the_budget_and_reads_each_record_once_per_epoch(tmp
 
 
 def test_sampling_and_splitting_refuse_a_packed_batch(batches):
-    from maskdiff.batch import split
-    from maskdiff.sampler import sample
+    from maskdiff.core.batch import split
+    from maskdiff.core.sampler import sample
 
     _, packed = batches
     with pytest.raises(ValueError, match="packed"):
@@ -260,7 +262,7 @@ def test_a_packed_stream_resumes_at_a_saved_position(tmp_path_factory):
     from training_support import TINY, tiny_shard_root
 
     from maskdiff.config import load_config, to_run_config
-    from maskdiff.loader import batches, open_sources, train_dataset
+    from maskdiff.data.loader import batches, open_sources, train_dataset
 
     shards = tiny_shard_root(tmp_path_factory)
     rc = to_run_config(load_config(TINY, [f"data.shard_root={shards}", "data.pack=true", "data.bucket=2"]))

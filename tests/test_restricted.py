@@ -9,15 +9,16 @@ two modalities, an MD4 and a GenMD4 schedule with random w.
 import pytest
 import torch
 
-from maskdiff.batch import collate
-from maskdiff.elbo import elbo
-from maskdiff.model import Denoiser, DenoiserConfig
-from maskdiff.sampler import sample
-from maskdiff.schedules import LearnedPoly, ModalitySchedules, make_schedule
-from maskdiff.tokens import MODALITIES, Field, Record, Support, VocabSpec
+from maskdiff.core.batch import collate
+from maskdiff.core.elbo import elbo
+from maskdiff.core.modalities import modality_id
+from maskdiff.core.model import Denoiser, DenoiserConfig
+from maskdiff.core.sampler import sample
+from maskdiff.core.schedules import LearnedPoly, ModalitySchedules, make_schedule
+from maskdiff.core.tokens import Field, Record, Support, VocabSpec
 
 SPEC = VocabSpec([Support("text/bpe", "text", 40), Support("tabular/col:a", "tabular", 3), Support("tabular/col:b", "tabular", 17)])
-TEXT, TAB = MODALITIES.index("text"), MODALITIES.index("tabular")
+TEXT, TAB = modality_id("text"), modality_id("tabular")
 
 
 class DenseView:

@@ -50,7 +50,7 @@ def test_a_run_streaming_over_http_killed_mid_run_resumes_to_the_weights_of_an_u
         served, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:  # noqa: F811
     """The table streamed from a local HTTP server, text from disk, packed batches; the process is killed (SIGKILL)
     after its first checkpoint and resumed: the same weights and per-step losses as a run never interrupted."""
-    from maskdiff.shards import write_shards
+    from maskdiff.data.shards import write_shards
 
     root, url, _ = served
     write_shards("tabular", [PENGUINS], root / "penguins", shard_size=50, bins=16, progress=False)

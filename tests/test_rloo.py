@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from maskdiff.batch import collate
-from maskdiff.elbo import elbo, position_nats
-from maskdiff.schedules import LearnedPoly, ModalitySchedules
-from maskdiff.tokens import MODALITIES, Field, Record
+from maskdiff.core.batch import collate
+from maskdiff.core.elbo import elbo, position_nats
+from maskdiff.core.modalities import modality_id
+from maskdiff.core.schedules import LearnedPoly, ModalitySchedules
+from maskdiff.core.tokens import Field, Record
 from oracles import PairData
 
-TEXT = MODALITIES.index("text")
+TEXT = modality_id("text")
 
 
 def setup(t_value: float):

@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 from training_support import tensorboard_scalars
 
-from maskdiff.plots import HELDOUT_COLOUR, TRAIN_COLOUR, line_figure, line_plot, metric_curves, plot_metrics
-from maskdiff.tensorboard_log import TensorBoardLog, scalars
+from maskdiff.training.plots import HELDOUT_COLOUR, TRAIN_COLOUR, line_figure, line_plot, metric_curves, plot_metrics
+from maskdiff.training.tensorboard_log import TensorBoardLog, scalars
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 RECORDS = [

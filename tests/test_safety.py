@@ -15,7 +15,7 @@ import pytest
 import torch
 from training_support import TRAIN, ROOT, env, metrics, run_train, tiny_args, tiny_shard_root
 
-from maskdiff.checkpoints import COMPLETE, seal
+from maskdiff.training.checkpoints import COMPLETE, seal
 
 pytestmark = pytest.mark.slow
 RUN = ["train.steps=8", "train.log_every=2", "train.eval_every=8", "train.checkpoint_every=2", "train.plots=false"]
@@ -190,7 +190,7 @@ def test_a_diverging_run_stops_and_exports_nothing(shards: Path, tmp_path: Path)
 
 
 def test_non_finite_gradients_skip_the_step() -> None:
-    from maskdiff.trainer import GuardedAdamW
+    from maskdiff.training.optimizer import GuardedAdamW
 
     p = torch.nn.Parameter(torch.ones(3))
     opt = GuardedAdamW([p], lr=0.1)
@@ -237,7 +237,7 @@ def test_summary_has_no_nan(copy: Path) -> None:
 
 
 def test_plots_skip_non_finite_points(tmp_path: Path) -> None:
-    from maskdiff.plots import plot_metrics
+    from maskdiff.training.plots import plot_metrics
 
     lines = [{"kind": "train", "step": 1, "bits_per_token": {"text": 5.0, "pixels": float("nan")}},
              {"kind": "train", "step": 2, "bits_per_token": {"text": float("inf"), "pixels": float("nan")}},

@@ -16,14 +16,15 @@ import numpy as np
 import pytest
 import torch
 
-import maskdiff.sampler as sampler_module
-from maskdiff.kernels import reference
-from maskdiff.sampler import sample, time_grid
-from maskdiff.schedules import LearnedPoly, ModalitySchedules, make_schedule
-from maskdiff.tokens import MODALITIES, Support
+import maskdiff.core.sampler as sampler_module
+from maskdiff.core.kernels import reference
+from maskdiff.core.modalities import modality_id
+from maskdiff.core.sampler import sample, time_grid
+from maskdiff.core.schedules import LearnedPoly, ModalitySchedules, make_schedule
+from maskdiff.core.tokens import Support
 from oracles import IndependentData, PairData, PairOracle, PosteriorOracle, exact_sample_distribution
 
-TEXT, PROTEIN = MODALITIES.index("text"), MODALITIES.index("protein")
+TEXT, PROTEIN = modality_id("text"), modality_id("protein")
 N = 40_000  # rows per joint test
 JOINT = np.array([[0.30, 0.02, 0.01], [0.03, 0.25, 0.04], [0.01, 0.03, 0.31]])  # dependent; marginals all distinct (no topk ties)
 
@@ -244,7 +245,7 @@ def test_genmd4_method_needs_a_state_dependent_schedule(data):
 
 
 def test_temperature_and_top_p():
-    from maskdiff.sampler import shape_distribution
+    from maskdiff.core.sampler import shape_distribution
 
     logp = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05, 0.0]], dtype=torch.float64))
     nucleus = shape_distribution(logp, 1.0, 0.7).exp()
@@ -255,7 +256,7 @@ def test_temperature_and_top_p():
 
 
 def test_guidance_sharpens_towards_the_condition():
-    from maskdiff.sampler import guided
+    from maskdiff.core.sampler import guided
 
     cond = torch.log(torch.tensor([[0.6, 0.4, 0.0]], dtype=torch.float64))
     uncond = torch.log(torch.tensor([[0.4, 0.6, 0.0]], dtype=torch.float64))
@@ -268,8 +269,8 @@ def test_guidance_sharpens_towards_the_condition():
 
 
 def test_complete_fills_missing_values_of_records(data):
-    from maskdiff.sampler import complete
-    from maskdiff.tokens import MISSING
+    from maskdiff.core.sampler import complete
+    from maskdiff.core.tokens import MISSING
 
     schedules = SCHEDULES["md4"](data.spec.num_clean)
     records = data.sample(5, seed=2)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from maskdiff.schedules import KINDS, T_MIN, LearnedPoly, ModalitySchedules, make_schedule
+from maskdiff.core.schedules import KINDS, T_MIN, LearnedPoly, ModalitySchedules, make_schedule
 
 ALL = ["linear", "cosine", "poly2", "poly3.5", "geometric", "genmd4"]
 

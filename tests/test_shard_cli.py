@@ -12,7 +12,7 @@ import pytest
 from adapter_fixtures import PENGUINS, PRJEB85, ROOT, first_fasta_records, load_shard_cli, mnist_png_folder, mnist_arrays, scratch
 from PIL import Image
 
-from maskdiff.shards import MANIFEST, REJECTS, ShardSet, load_manifest
+from maskdiff.data.shards import MANIFEST, REJECTS, ShardSet, load_manifest
 
 SCRIPT = str(ROOT / "tools" / "shard.py")
 

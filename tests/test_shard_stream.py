@@ -11,7 +11,7 @@ import pytest
 from adapter_fixtures import built
 from shard_server import corrupt_first_header, served  # noqa: F401  (served: a fixture)
 
-from maskdiff.shards import ChecksumError, ShardError, ShardSet
+from maskdiff.data.shards import ChecksumError, ShardError, ShardSet
 
 
 def _ids(records) -> list[tuple[str, int]]:
@@ -123,8 +123,8 @@ def _as_version_1(src: Path, dest: Path) -> None:
 
     import webdataset as wds
 
-    from maskdiff.shard_format import legacy_members
-    from maskdiff.shards import MANIFEST, load_manifest, sha256_file
+    from maskdiff.data.shard_format import legacy_members
+    from maskdiff.data.shards import MANIFEST, load_manifest, sha256_file
 
     shutil.copytree(src, dest)
     m = load_manifest(src)

@@ -18,8 +18,8 @@ from adapter_fixtures import MNIST_IMAGES, MNIST_LABELS, PENGUINS, ROOT, built, 
 from torch.utils.data import DataLoader
 
 from maskdiff.adapters import Rejected, TabularAdapter
-from maskdiff.shards import MANIFEST, REJECTS, ChecksumError, ShardError, ShardSet, load_manifest, sha256_file, write_shards
-from maskdiff.tokens import VocabMismatchError, VocabSpec
+from maskdiff.data.shards import MANIFEST, REJECTS, ChecksumError, ShardError, ShardSet, load_manifest, sha256_file, write_shards
+from maskdiff.core.tokens import VocabMismatchError, VocabSpec
 
 MODALITIES = ["text", "pixels", "protein", "tabular"]
 
@@ -307,7 +307,7 @@ def test_garbage_record_header_is_one_line():
 
 
 def test_overwrite_swaps_so_one_complete_data_set_is_always_there(monkeypatch):
-    from maskdiff import shard_writer as shards_mod
+    from maskdiff.data import shard_writer as shards_mod
 
     out = scratch("swap") / "tab"
     first = write_shards("tabular", [PENGUINS], out, shard_size=50, progress=False)

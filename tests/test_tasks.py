@@ -10,12 +10,12 @@ from adapter_fixtures import PENGUINS, scratch
 from tasks_fixtures import shard_dir, tiny_bundle
 
 from maskdiff.errors import UserError
-from maskdiff.images import keep_mask
-from maskdiff.imputation import impute
-from maskdiff.imputation_quality import hide_cells, with_hidden
-from maskdiff.tables import read_table, split_csv, write_table
-from maskdiff.templates import protein_template, text_template
-from maskdiff.tokens import MISSING
+from maskdiff.tasks.images import keep_mask
+from maskdiff.tasks.imputation import impute
+from maskdiff.tasks.imputation_quality import hide_cells, with_hidden
+from maskdiff.data.tables import read_table, split_csv, write_table
+from maskdiff.tasks.templates import protein_template, text_template
+from maskdiff.core.tokens import MISSING
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +103,7 @@ def test_unknown_columns_are_an_error(bundle):
 
 
 def test_evaluation_bookkeeping(bundle):
-    from maskdiff.evaluation import evaluate_records, shard_records, summarise, unigram_bits
+    from maskdiff.tasks.evaluation import evaluate_records, shard_records, summarise, unigram_bits
 
     by_mod, splits = shard_records(bundle, [shard_dir("pixels"), shard_dir("tabular")])
     assert set(splits.values()) == {"heldout"} and set(by_mod) == {"pixels", "tabular"}

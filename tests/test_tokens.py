@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from maskdiff.batch import collate, split
-from maskdiff.tokens import MISSING, Field, Record, Support, VocabMismatchError, VocabSpec
+from maskdiff.core.batch import collate, split
+from maskdiff.core.tokens import MISSING, Field, Record, Support, VocabMismatchError, VocabSpec
 
 SUPPORTS = [Support("pixels/value", "pixels", 256), Support("pixels/label", "pixels", 10), Support("tabular/col:age", "tabular", 64)]
 
@@ -83,7 +83,7 @@ def test_collate_pads_and_split_inverts():
 
 
 def test_condition_fields_are_given_unless_dropped_and_never_in_the_loss():
-    from maskdiff.batch import drop_fields
+    from maskdiff.core.batch import drop_fields
 
     spec = VocabSpec(SUPPORTS)
     recs = [Record([Field("image", "pixels/value", np.arange(4).reshape(2, 2, 1)), Field("label", "pixels/label", [i % 10])]) for i in range(400)]

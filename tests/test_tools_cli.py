@@ -144,7 +144,7 @@ def test_evaluate_tool(model, capsys):
     assert set(report["modalities"]) == {"protein", "pixels"} and set(report["splits"].values()) == {"heldout"}
     assert "bits_per_dim" in report["modalities"]["pixels"] and report["modalities"]["protein"]["stderr_over_records"] >= 0
     other = scratch("evaluate-other") / "tab"
-    from maskdiff.shards import write_shards
+    from maskdiff.data.shards import write_shards
 
     write_shards("tabular", [PENGUINS], other, bins=4, progress=False)
     code, _, err = run_tool(capsys, "evaluate", "--model", model, "--shards", other)
@@ -240,7 +240,7 @@ def test_errors_from_dataloader_workers_are_one_line():
     from torch._utils import ExceptionWrapper
 
     from maskdiff.cli import one_line
-    from maskdiff.shards import ShardError
+    from maskdiff.data.shards import ShardError
 
     try:
         raise ShardError("d/tab-000000.tar: record 'x': field 'a' holds ids outside 0..4")

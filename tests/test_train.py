@@ -7,6 +7,9 @@ import itertools
 import json
 import math
 import re
+import tempfile
+import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -116,7 +119,7 @@ def test_bad_shard_records_skipped_on_every_rank_and_worker_are_counted_in_metri
     """2 processes x 2 loader workers stream a table over HTTP (data.bad_shards=skip) in which the first shard of reader 0
     (rank 0, worker 0) and of reader 3 (rank 1, worker 1) is corrupt: the first metrics line and the summary count the
     records of both, skipped in two worker processes of two ranks; a resumed run carries the count on."""
-    from maskdiff.shards import ShardSet, write_shards
+    from maskdiff.data.shards import ShardSet, write_shards
 
     root, url, _ = served
     manifest = write_shards("tabular", [PENGUINS], root / "penguins", shard_size=20, bins=16, progress=False)
@@ -152,7 +155,7 @@ def _rows(batches) -> Counter:
 
 def _loader(shards: Path, rank: int, world: int, *overrides: str, start: dict | None = None):
     from maskdiff.config import load_config, to_run_config
-    from maskdiff.loader import open_sources, train_dataset
+    from maskdiff.data.loader import open_sources, train_dataset
 
     rc = to_run_config(load_config(TINY, [f"data.shard_root={shards}", *overrides]))
     sets, spec = open_sources(rc, rank, world, shuffle_buffer=rc.data.shuffle_buffer, seed=rc.seed, repeat=True)
@@ -161,15 +164,16 @@ def _loader(shards: Path, rank: int, world: int, *overrides: str, start: dict | 
 
 def test_ranks_and_workers_read_disjoint_records(tmp_path_factory: pytest.TempPathFactory) -> None:
     """2 ranks x 2 DataLoader workers: within an epoch no training record comes out twice."""
-    from maskdiff.batch import collate
-    from maskdiff.loader import batches, is_heldout
-    from maskdiff.shards import ShardSet
+    from maskdiff.core.batch import collate
+    from maskdiff.data.loader import batches
+    from maskdiff.data.shards import ShardSet
+    from maskdiff.data.split import training_records
 
     shards = tiny_shard_root(tmp_path_factory)
     seen: list = []
     for rank in (0, 1):
         ds, sets, rc = _loader(shards, rank, 2, "data.sources.text.weight=0", "data.batch_size=1", "data.bucket=1")
-        train = [r for r in ShardSet(sets["tabular"].dirs) if not is_heldout(r, rc.data.heldout)]
+        train = list(training_records(ShardSet(sets["tabular"].dirs), rc.data.heldout))
         it = batches(ds, workers=2)
         seen += [next(it) for _ in range(len(train) // 2 - 10)]  # a little less than one epoch per rank
     everything = _rows(collate([r], ds.spec) for r in train)
@@ -181,7 +185,7 @@ def test_ranks_and_workers_read_disjoint_records(tmp_path_factory: pytest.TempPa
 def test_stream_resumes_at_a_saved_position(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Starting at a saved position gives exactly the batches that followed it (also with workers, mid-turn),
     and a position saved with another worker count is refused with what to do."""
-    from maskdiff.loader import PositionMismatch, batches
+    from maskdiff.data.loader import PositionMismatch, batches
 
     shards = tiny_shard_root(tmp_path_factory)
     for workers in (0, 2):
@@ -201,10 +205,11 @@ def test_stream_resumes_at_a_saved_position(tmp_path_factory: pytest.TempPathFac
 
 def test_learning_rate_decay_follows_the_time_budget_when_it_runs_out_first() -> None:
     from maskdiff.config import load_config, to_run_config
-    from maskdiff.trainer import TimeBudget, lr_lambda
+    from maskdiff.training.optimizer import lr_lambda
+    from maskdiff.training.time_budget import TimeBudget
 
     rc = to_run_config(load_config(TINY, ["train.steps=1000", "optim.warmup_steps=10", "optim.decay=cosine", "optim.min_lr_ratio=0.1"]))
-    budget = TimeBudget(1.0, torch.device("cpu"), 1)
+    budget = TimeBudget(1.0, torch.device("cpu"))
     f = lr_lambda(rc, budget)
     at_step_100 = f(100)  # 90 of 990 decay steps
     assert at_step_100 == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 90 / 990)))
@@ -212,7 +217,7 @@ def test_learning_rate_decay_follows_the_time_budget_when_it_runs_out_first() ->
     assert f(100) == pytest.approx(0.1 + 0.9 * 0.5) and f(5) == pytest.approx(0.6)  # warmup is by steps
     budget.spent = 2.0
     assert f(100) == pytest.approx(0.1)
-    assert TimeBudget(None, torch.device("cpu"), 1).tick() is False
+    assert TimeBudget(None, torch.device("cpu")).tick() is False
 
 
 def test_a_time_budget_stops_the_run_with_a_bundle(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
@@ -229,3 +234,38 @@ def test_a_time_budget_stops_the_run_with_a_bundle(tmp_path: Path, tmp_path_fact
     last = metrics(run, "train")[-1]
     # by steps the decay would hardly have begun (tens of 100,000 steps); by time it is at (or a step from) the floor
     assert last["step"] == summary["step"] and optim.lr * optim.min_lr_ratio <= last["lr"] < 0.3 * optim.lr
+
+
+def test_a_stop_file_spends_the_budget_at_once() -> None:
+    from maskdiff.training.time_budget import TimeBudget
+
+    with tempfile.TemporaryDirectory() as tmp:
+        stop = Path(tmp) / "STOP"
+        budget = TimeBudget(None, torch.device("cpu"), stop)
+        assert budget.tick() is False and budget.spent == 0.0
+        stop.touch()
+        assert budget.tick() is True and budget.spent >= 1.0 and budget.stop_requested
+
+
+def test_a_stop_file_ends_the_run_with_its_bundle_and_a_stale_one_does_not(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    run = tmp_path / "stopped"
+    run.mkdir()
+    (run / "STOP").touch()  # left by an earlier start: must not stop this one
+
+    def stop_after_step_3() -> None:
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            text = (run / "metrics.jsonl").read_text() if (run / "metrics.jsonl").is_file() else ""
+            if any(f'"step": {k},' in text for k in (3, 4, 5)):
+                (run / "STOP").touch()
+                return
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=stop_after_step_3, daemon=True)
+    watcher.start()
+    res = run_train(tiny_args(tiny_shard_root(tmp_path_factory), run, "train.steps=100000", "train.log_every=1",
+                              "train.eval_every=1000000", "--overwrite"))
+    watcher.join(timeout=5)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["finished"] and 3 <= summary["step"] < 100000
+    assert "asked for a stop" in res.stderr and (run / "bundle" / "bundle.json").is_file()

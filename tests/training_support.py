@@ -22,7 +22,7 @@ EXTENSIONS = os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / "build" / "torch_
 def tiny_shard_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny config's shards, built once per pytest run from the shipped data."""
     from maskdiff.config import load_config, to_run_config
-    from maskdiff.loader import ensure_shards
+    from maskdiff.data.loader import ensure_shards
 
     root = tmp_path_factory.getbasetemp() / "tiny-shards"
     ensure_shards(to_run_config(load_config(TINY, [f"data.shard_root={root}"])), log=lambda _: None)

@@ -58,17 +58,18 @@ from typing import Callable  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from maskdiff import kernels  # noqa: E402
-from maskdiff import sampler as sampler_module  # noqa: E402
-from maskdiff.batch import Batch, collate  # noqa: E402
-from maskdiff.elbo import elbo  # noqa: E402
-from maskdiff.model import Denoiser, DenoiserConfig  # noqa: E402
-from maskdiff.sampler import SamplerOptions, sample  # noqa: E402
-from maskdiff.schedules import ModalitySchedules, make_schedule  # noqa: E402
-from maskdiff.tokens import MODALITIES, Field, Record, Support, VocabSpec  # noqa: E402
+from maskdiff.core import kernels
+from maskdiff.core import sampler as sampler_module
+from maskdiff.core.batch import Batch, collate  # noqa: E402
+from maskdiff.core.elbo import elbo  # noqa: E402
+from maskdiff.core.modalities import modality_id  # noqa: E402
+from maskdiff.core.model import Denoiser, DenoiserConfig  # noqa: E402
+from maskdiff.core.sampler import SamplerOptions, sample  # noqa: E402
+from maskdiff.core.schedules import ModalitySchedules, make_schedule  # noqa: E402
+from maskdiff.core.tokens import Field, Record, Support, VocabSpec  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-TEXT, TABULAR = MODALITIES.index("text"), MODALITIES.index("tabular")
+TEXT, TABULAR = modality_id("text"), modality_id("tabular")
 SECTIONS = ("train", "eval", "table", "sample", "impute", "kernels", "mfu", "trainer", "shard")
 
 
@@ -384,8 +385,8 @@ def bench_trainer(quick: bool) -> list[Row]:
     import bench_train  # a sibling in tools/ (on sys.path when this file runs)
 
     from maskdiff.config import load_config, to_run_config
-    from maskdiff.joint import JointModel
-    from maskdiff.loader import ensure_shards, open_sources, train_dataset
+    from maskdiff.core.joint import JointModel
+    from maskdiff.data.loader import ensure_shards, open_sources, train_dataset
 
     config, steps = "configs/text.yaml", 10 if quick else 30
     overrides = ["model.depth=2", "model.dim=128", "model.heads=4"]

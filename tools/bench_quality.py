@@ -43,7 +43,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 
-from maskdiff import cli  # noqa: E402
+from maskdiff import cli
 from maskdiff.commands.impute import DEFAULT_MINUTES  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,10 +84,10 @@ def sklearn():
 
 
 def bench_table(path: Path, args) -> dict:
-    from maskdiff.imputation import impute
-    from maskdiff.imputation_quality import hide_cells, mode_mean_baseline, score, with_hidden
-    from maskdiff.table_fit import fit_table
-    from maskdiff.tables import read_table, write_table
+    from maskdiff.tasks.imputation import impute
+    from maskdiff.tasks.imputation_quality import hide_cells, mode_mean_baseline, score, with_hidden
+    from maskdiff.tasks.table_fit import fit_table
+    from maskdiff.data.tables import read_table, write_table
 
     minutes = args.minutes or DEFAULT_MINUTES
     truth = read_table(path, ",", ["NA", "N/A", "?", "NaN", "null", "NULL"])
@@ -116,7 +116,7 @@ def bench_table(path: Path, args) -> dict:
 
 
 def sklearn_baselines(truth, hidden, cells, kinds, seed: int) -> dict:
-    from maskdiff.imputation_quality import score
+    from maskdiff.tasks.imputation_quality import score
 
     sk_impute, _, ensemble = sklearn()
     names = [c for c in hidden.columns if c in kinds]
@@ -185,12 +185,12 @@ def tables_markdown(results: list[dict]) -> str:
 
 
 def bench_likelihood(bundle, args) -> dict:
-    from maskdiff.evaluation import evaluate_records, summarise, unigram_bits
-    from maskdiff.generation import heldout_records
+    from maskdiff.tasks.evaluation import evaluate_records, summarise, unigram_bits
+    from maskdiff.tasks.generation import training_and_heldout
 
     out = {}
     for mod in bundle.config.modalities:
-        train, test = heldout_records(bundle, mod)
+        train, test = training_and_heldout(bundle, mod)
         test = test[: args.limit]
         s = summarise(evaluate_records(bundle, test, repeats=3, seed=args.seed), bundle.spec, len(test))[mod]
         out[mod] = {"model_bits_per_token": s["bits_per_token"], "stderr_over_records": s["stderr_over_records"], "unigram_bits_per_token": unigram_bits(train, test, bundle.spec)[mod],
@@ -201,15 +201,15 @@ def bench_likelihood(bundle, args) -> dict:
 
 
 def bench_images(bundle, args) -> dict:
-    from maskdiff.generation import fill, heldout_records
-    from maskdiff.images import image_records
-    from maskdiff.sampler import SamplerOptions
+    from maskdiff.tasks.generation import fill, training_and_heldout
+    from maskdiff.tasks.images import image_records
+    from maskdiff.core.sampler import SamplerOptions
 
     _, linear_model, _ = sklearn()
     adapter = bundle.adapters["pixels"]
     if adapter.labels is None:
         raise cli.UserError(f"{args.model}: the pixels model was trained without class labels")
-    train, test = heldout_records(bundle, "pixels")
+    train, test = training_and_heldout(bundle, "pixels")
     X = np.stack([r["image"].tokens.reshape(-1) for r in train]) / 255.0
     y = np.array([adapter.decode(r)["label"] for r in train])
     clf = linear_model.LogisticRegression(max_iter=500).fit(X, y)

@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from maskdiff.adapters import get_adapter
-from maskdiff.shards import ShardSet, write_shards
+from maskdiff.data.shards import ShardSet, write_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES: dict[str, tuple[list[str], dict[str, Any]]] = {
@@ -137,7 +137,7 @@ def write_section(table: dict[str, tuple[list[str], dict[str, Any]]], modalities
 def size_section(table: dict[str, tuple[list[str], dict[str, Any]]], modalities: list[str], repeat: int) -> None:
     import webdataset as wds
 
-    from maskdiff.shard_format import legacy_members
+    from maskdiff.data.shard_format import legacy_members
 
     print(f"{'modality':9} {'records':>8} | {'v1 B/rec':>9} {'v2 B/rec':>9} | {'v2/v1':>6}")
     for modality in modalities:
@@ -212,7 +212,7 @@ def workers_section(table: dict[str, tuple[list[str], dict[str, Any]]], modaliti
 
 
 def resume_section(table: dict[str, tuple[list[str], dict[str, Any]]], modalities: list[str], repeat: int) -> None:
-    from maskdiff.loader import BatchLimits, MixedBatches, batches
+    from maskdiff.data.loader import BatchLimits, MixedBatches, batches
 
     with tempfile.TemporaryDirectory() as tmp:
         sets = {}

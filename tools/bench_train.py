@@ -60,7 +60,7 @@ def train_once(config: str, procs: int, steps: int, run_dir: Path, overrides: li
 def loader_padding(config: str, overrides: list[str], batches: int) -> tuple[float, float]:
     """Padding positions / all positions of the first ``batches`` training batches, and their mean size in positions."""
     from maskdiff.config import load_config, to_run_config
-    from maskdiff.loader import ensure_shards, open_sources, train_dataset
+    from maskdiff.data.loader import ensure_shards, open_sources, train_dataset
 
     rc = to_run_config(load_config(config, overrides))
     ensure_shards(rc)
@@ -110,7 +110,7 @@ def packing_comparison(config: str, steps: int, repeats: int, batches: int, over
 def loader_throughput(config: str, overrides: list[str], batches: int) -> float:
     """Valid tokens per second of the training batch stream alone (one process, no workers)."""
     from maskdiff.config import load_config, to_run_config
-    from maskdiff.loader import ensure_shards, open_sources, train_dataset
+    from maskdiff.data.loader import ensure_shards, open_sources, train_dataset
 
     rc = to_run_config(load_config(config, overrides))
     ensure_shards(rc)

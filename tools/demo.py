@@ -105,7 +105,7 @@ def train(args, config: str, run_dir: Path, steps: int) -> Path:
 def images(args, st: Stages, model: Path, joint: Path, out: Path, bundle) -> dict:
     from PIL import Image
 
-    from maskdiff.generation import heldout_records
+    from maskdiff.tasks.generation import training_and_heldout
 
     labels = bundle.adapters["pixels"].labels
     classes = labels.categories[:10] if labels else []
@@ -114,7 +114,7 @@ def images(args, st: Stages, model: Path, joint: Path, out: Path, bundle) -> dic
         grids[name] = out / "images" / f"{name}.png"
         st.tool("sample", "--model", path, "--num", 4 * max(1, len(classes)), *(["--label", *classes] if classes else []), "--steps", 64,
                 "--guidance", guidance, "--seed", args.seed, "--output", grids[name], "--no-progress", "--overwrite")
-    _, test = heldout_records(bundle, "pixels")
+    _, test = training_and_heldout(bundle, "pixels")
     real = out / "images" / "heldout.png"
     Image.fromarray(test[0]["image"].tokens.astype(np.uint8)[:, :, 0]).save(real)
     inpaint = out / "images" / "inpaint.png"
@@ -124,8 +124,8 @@ def images(args, st: Stages, model: Path, joint: Path, out: Path, bundle) -> dic
 
 
 def tables(args, st: Stages, joint: Path, out: Path, bundle) -> dict:
-    from maskdiff.imputation_quality import hide_cells, mode_mean_baseline, score, with_hidden
-    from maskdiff.tables import read_table, write_table
+    from maskdiff.tasks.imputation_quality import hide_cells, mode_mean_baseline, score, with_hidden
+    from maskdiff.data.tables import read_table, write_table
 
     adapter = bundle.adapter("tabular")
     source = Path(bundle.config.data.build[bundle.config.data.sources["tabular"].dirs[0]].inputs[0])
@@ -151,11 +151,11 @@ def tables(args, st: Stages, joint: Path, out: Path, bundle) -> dict:
 
 def proteins(args, st: Stages, model: Path, out: Path, bundle) -> dict:
     from maskdiff.adapters.protein import ALPHABET
-    from maskdiff.generation import heldout_records
+    from maskdiff.tasks.generation import training_and_heldout
 
     gen = out / "proteins" / "generated.fasta"
     st.tool("protein", "--model", model, "--num", 8, "--steps", 64, "--seed", args.seed, "--output", gen, "--no-progress", "--overwrite")
-    _, test = heldout_records(bundle, "protein")
+    _, test = training_and_heldout(bundle, "protein")
     seq = "".join(ALPHABET[i] for i in test[0]["sequence"].tokens[:40])
     template = seq[:15] + "_" * 10 + seq[25:]
     infill = out / "proteins" / "infilled.fasta"
@@ -176,8 +176,8 @@ def texts(args, st: Stages, model: Path, out: Path) -> dict:
 
 
 def evaluation(args, st: Stages, model: Path, out: Path, bundle) -> dict:
-    from maskdiff.evaluation import unigram_bits
-    from maskdiff.generation import heldout_records, training_dirs
+    from maskdiff.tasks.evaluation import unigram_bits
+    from maskdiff.tasks.generation import training_and_heldout, training_dirs
 
     dirs = [d for mod in bundle.config.modalities for d in training_dirs(bundle, mod)]
     path = out / "eval.json"
@@ -185,13 +185,13 @@ def evaluation(args, st: Stages, model: Path, out: Path, bundle) -> dict:
     result = json.loads(path.read_text())
     unigram = {}
     for mod in bundle.config.modalities:
-        train, test = heldout_records(bundle, mod)
+        train, test = training_and_heldout(bundle, mod)
         unigram.update(unigram_bits(train, test[:96], bundle.spec))
     return {"eval": result, "unigram": unigram}
 
 
 def write_report(out: Path, run_dir: Path, bundle, res: dict, times: dict[str, float]) -> Path:
-    from maskdiff.report import Report
+    from maskdiff.tasks.report import Report
 
     rel = lambda p: Path(p).resolve().relative_to(out.resolve()).as_posix()  # noqa: E731
     summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}

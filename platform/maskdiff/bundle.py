@@ -10,7 +10,7 @@ Layout of a bundle directory::
                          modality, or <modality>/<data set> for a named table or FASTA set
 
 :func:`load_bundle` verifies every file against the sha256 that ``bundle.json``
-lists, rebuilds the :class:`~maskdiff.joint.JointModel` from the config and
+lists, rebuilds the :class:`~maskdiff.core.joint.JointModel` from the config and
 spec, loads the weights strictly (all finite), and checks every adapter's
 supports against the spec, so ids cannot silently shift. A bundle is written
 to a staging directory and swapped into place, and weights that are not
@@ -36,16 +36,18 @@ from maskdiff.adapters import Adapter, adapter_from_state
 from .config import RunConfig, load_config, save_config, to_run_config
 from .errors import BundleError, ConfigError, UserError
 from .files import sha256_file, write_atomic
-from .joint import JointModel
-from .tokens import MODALITIES, VocabMismatchError, VocabSpec, source_key
+from maskdiff.core.joint import JointModel
+from maskdiff.core import modalities
+from maskdiff.core.tokens import VocabMismatchError, VocabSpec, source_key
 
 FORMAT, VERSION = "maskdiff-bundle", 1
 ENSEMBLE = "ensemble"  # bundle.json: paths (relative to the bundle) of further models whose conditionals are averaged
 WEIGHTS, CONFIG, VOCAB, INFO, ADAPTERS = "model.safetensors", "config.yaml", "vocab.json", "bundle.json", "adapters"
 SOURCES = "sources"  # bundle.json: the adapters' keys (a bundle without it has one adapter per modality, named by it)
+MODALITY_IDS = "modality_ids"  # bundle.json: each modality's id (its modality-embedding row), checked on loading
 
 
-CORE_KEYS = ("format", "version", "step", "vocab_fingerprint", "modalities", SOURCES, "parameters", "metrics", "lengths", "files")
+CORE_KEYS = ("format", "version", "step", "vocab_fingerprint", "modalities", MODALITY_IDS, SOURCES, "parameters", "metrics", "lengths", "files")
 
 
 @dataclass
@@ -121,7 +123,8 @@ def export_bundle(out: str | Path, model: torch.nn.Module, cfg: DictConfig, spec
             d.mkdir(parents=True, exist_ok=True)
             (d / "state.json").write_text(json.dumps(adapter.state(d), indent=1) + "\n")
         info = {"format": FORMAT, "version": VERSION, "step": step, "vocab_fingerprint": spec.fingerprint(),
-                "modalities": sorted({a.modality for a in adapters.values()}), SOURCES: sorted(a.key for a in adapters.values()),
+                "modalities": sorted({a.modality for a in adapters.values()}), MODALITY_IDS: modalities.ids_of(spec.modalities),
+                SOURCES: sorted(a.key for a in adapters.values()),
                 "parameters": sum(v.numel() for v in weights.values()), "metrics": metrics or {}, "lengths": lengths or {},
                 "files": {str(p.relative_to(stage)): sha256_file(p) for p in sorted(stage.rglob("*")) if p.is_file()}}
         (stage / INFO).write_text(json.dumps(info, indent=1, allow_nan=False) + "\n")
@@ -170,6 +173,8 @@ def _read_info(root: Path) -> dict[str, Any]:
             raise BundleError(f"{root / INFO}: key '{key}' is missing or not a {kind.__name__}")
     if not isinstance(info.get(SOURCES, []), list):
         raise BundleError(f"{root / INFO}: key '{SOURCES}' is not a list")
+    if not isinstance(info.get(MODALITY_IDS, {}), dict):
+        raise BundleError(f"{root / INFO}: key '{MODALITY_IDS}' is not a mapping")
     return info
 
 
@@ -233,6 +238,10 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
         raise BundleError(f"{root / VOCAB}: not a vocabulary spec ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})") from None
     if spec.fingerprint() != info["vocab_fingerprint"]:
         raise BundleError(f"{root / VOCAB}: fingerprint {spec.fingerprint()} differs from bundle.json's {info['vocab_fingerprint']}")
+    try:
+        modalities.check_ids(info.get(MODALITY_IDS, {}))  # bundles without the key hold built-in modalities only
+    except ValueError as e:
+        raise BundleError(f"{root / INFO}: {e}") from None
     cfg = _read_config(root / CONFIG)
     config = to_run_config(cfg)
     adapters = {key: _load_adapter(root, spec, key) for key in info.get(SOURCES, info["modalities"])}
@@ -257,7 +266,7 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
 
 def _load_adapter(root: Path, spec: VocabSpec, key: Any) -> Adapter:
     mod, _, dataset = str(key).partition("/")
-    if mod not in MODALITIES or "/" in dataset or dataset.startswith("."):
+    if not modalities.is_known(mod) or "/" in dataset or dataset.startswith("."):
         raise BundleError(f"{root / INFO}: {key!r} is not a source (a modality, or <modality>/<data set>)")
     d = root / ADAPTERS / str(key)
     state = _read_json(d / "state.json")

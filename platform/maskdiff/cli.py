@@ -23,7 +23,7 @@ from .bundle import open_bundle
 from .errors import UserError, user_errors
 from .files import atomic_path, write_text
 from .progress import add_progress_flags
-from .sampler import SamplerOptions
+from maskdiff.core.sampler import SamplerOptions
 
 USER_ERROR, INTERRUPTED = 2, 130
 

@@ -20,8 +20,8 @@ from typing import Any, Dict, List, Optional, Sequence
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from maskdiff.core import modalities
 from .errors import ConfigError
-from .tokens import MODALITIES
 
 SCHEDULE_KINDS = re.compile(r"^(linear|cosine|geometric|genmd4|poly\d+(\.\d+)?)$")
 LR_DECAYS = ("cosine", "linear", "constant")
@@ -150,8 +150,8 @@ class RunConfig:
 
     @property
     def modalities(self) -> list[str]:
-        """Modalities with a positive mixing weight, in the canonical order."""
-        return [m for m in MODALITIES if m in self.data.sources and self.data.sources[m].weight > 0]
+        """Modalities with a positive mixing weight, in id order."""
+        return [m for m in modalities.names() if m in self.data.sources and self.data.sources[m].weight > 0]
 
     @property
     def uses_genmd4(self) -> bool:
@@ -217,11 +217,19 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             cfg = OmegaConf.merge(cfg, layer)  # type: ignore[assignment]
         except OmegaConfBaseException as e:
             raise _error(e, where) from None
+    _default_schedules(cfg)
     missing = OmegaConf.missing_keys(cfg)
     if missing:
         raise ConfigError(f"config key '{sorted(missing)[0]}' needs a value")
     validate(to_run_config(cfg))
     return cfg
+
+
+def _default_schedules(cfg: DictConfig) -> None:
+    """A modality with data but no schedule in the configuration takes its adapter's default."""
+    for mod, src in cfg.data.sources.items():
+        if src.weight > 0 and mod not in cfg.schedules and modalities.is_known(mod) and modalities.get(mod).schedule:
+            cfg.schedules[mod] = ScheduleConfig(kind=modalities.get(mod).schedule)
 
 
 def to_run_config(cfg: DictConfig) -> RunConfig:
@@ -237,19 +245,23 @@ def _check(ok: bool, key: str, msg: str) -> None:
         raise ConfigError(f"config key '{key}': {msg}")
 
 
+def _check_modality(name: str, key: str) -> None:
+    _check(modalities.is_known(name), key, f"unknown modality {name!r}; known: {', '.join(modalities.names())}")
+
+
 def validate(rc: RunConfig) -> None:
     """Checks beyond types; raises :class:`ConfigError` naming the offending key."""
     d = rc.data
     _check(bool(d.sources), "data.sources", "no data sources configured")
     for mod, src in d.sources.items():
         key = f"data.sources.{mod}"
-        _check(mod in MODALITIES, key, f"unknown modality {mod!r}; known: {', '.join(MODALITIES)}")
+        _check_modality(mod, key)
         _check(src.weight >= 0, f"{key}.weight", f"mixing weight must be >= 0, got {src.weight}")
         _check(src.weight == 0 or bool(src.dirs), f"{key}.weight", f"mixing weight {src.weight} for modality {mod!r}, which has no shard directories")
     _check(bool(rc.modalities), "data.sources", "every mixing weight is 0")
     for dir_, recipe in d.build.items():
         key = f"data.build.{dir_}"
-        _check(recipe.modality in MODALITIES, f"{key}.modality", f"unknown modality {recipe.modality!r}")
+        _check_modality(recipe.modality, f"{key}.modality")
         _check(bool(recipe.inputs), f"{key}.inputs", "no input files to build the shards from")
     _check(d.batch_tokens is not None or d.batch_size is not None, "data.batch_tokens", "batch_tokens and batch_size are both null; set at least one")
     for name, value, low in (("batch_tokens", d.batch_tokens, 1), ("batch_size", d.batch_size, 1), ("shuffle_buffer", d.shuffle_buffer, 1),
@@ -263,7 +275,7 @@ def validate(rc: RunConfig) -> None:
         _check(mod in rc.schedules, f"schedules.{mod}", f"modality {mod!r} has data but no masking schedule")
     for mod, s in rc.schedules.items():
         key = f"schedules.{mod}"
-        _check(mod in MODALITIES, key, f"unknown modality {mod!r}; known: {', '.join(MODALITIES)}")
+        _check_modality(mod, key)
         _check(bool(SCHEDULE_KINDS.match(s.kind)), f"{key}.kind", f"unknown schedule {s.kind!r}; expected linear, cosine, polyK (e.g. poly2), geometric or genmd4")
         _check(s.kind != "genmd4" or s.draws >= 2, f"{key}.draws", "genmd4 needs K >= 2 draws for its leave-one-out gradient")
         _check(s.init > 0, f"{key}.init", "initial w must be > 0")

@@ -37,7 +37,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     """
     from maskdiff.adapters import InputError
 
-    from .tokens import VocabMismatchError
+    from maskdiff.core.tokens import VocabMismatchError
 
     return (UserError, InputError, BundleError, ConfigError, VocabMismatchError)
 

@@ -43,7 +43,7 @@ def build_parser():
 
 
 def run(args) -> int:
-    from maskdiff.evaluation import evaluate_records, shard_records, summarise
+    from maskdiff.tasks.evaluation import evaluate_records, shard_records, summarise
 
     if args.output:
         cli.check_outputs([args.output], args.overwrite)

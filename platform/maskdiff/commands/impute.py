@@ -62,7 +62,7 @@ ENVIRONMENT = {"OMP_WAIT_POLICY": "PASSIVE"}
 for _key, _value in ENVIRONMENT.items():
     os.environ.setdefault(_key, _value)
 
-from maskdiff import cli  # noqa: E402
+from maskdiff import cli
 from maskdiff.progress import progress_enabled  # noqa: E402
 
 DEFAULT_MINUTES = 8.0
@@ -116,9 +116,9 @@ def fit_options(args) -> dict:
 def run(args) -> int:
     import torch
 
-    from maskdiff.imputation import check_columns, impute, table_adapter, tables_of, uncertainty, write_summary
-    from maskdiff.table_fit import fit_table
-    from maskdiff.tables import read_table, write_table
+    from maskdiff.tasks.imputation import check_columns, impute, table_adapter, tables_of, uncertainty, write_summary
+    from maskdiff.tasks.table_fit import fit_table
+    from maskdiff.data.tables import read_table, write_table
 
     started = time.perf_counter()
     if args.threads < 1:

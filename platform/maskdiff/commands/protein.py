@@ -55,7 +55,7 @@ def check_prefix(prefix: str) -> str:
 
 def check_lengths_from(dirs: list[str]) -> None:
     """--lengths-from must name protein shard directories."""
-    from maskdiff.shards import load_manifest
+    from maskdiff.data.shards import load_manifest
 
     for d in dirs:
         modality = load_manifest(d).get("modality")
@@ -75,9 +75,9 @@ def fasta(records: list[tuple[str, str]], width: int = 60) -> str:
 def run(args) -> int:
     import numpy as np
 
-    from maskdiff.generation import conditions, fill, length_sampler, parse_pairs
-    from maskdiff.templates import protein_template
-    from maskdiff.tokens import MISSING, Field, Record
+    from maskdiff.tasks.generation import conditions, fill, length_sampler, parse_pairs
+    from maskdiff.tasks.templates import protein_template
+    from maskdiff.core.tokens import MISSING, Field, Record
 
     from maskdiff.adapters.protein import ALPHABET, RESIDUE
 

@@ -50,8 +50,8 @@ def build_parser():
 def run(args) -> int:
     import numpy as np
 
-    from maskdiff.generation import fill
-    from maskdiff.images import image_records, keep_mask, load_image, save_arrays, save_grid
+    from maskdiff.tasks.generation import fill
+    from maskdiff.tasks.images import image_records, keep_mask, load_image, save_arrays, save_grid
 
     if args.num < 1:
         raise cli.UserError(f"--num {args.num}: must be >= 1")

@@ -35,7 +35,7 @@ examples:
   python tools/shard.py --modality tabular --input data/tabular/penguins.csv --output shards/penguins --name penguins
 
 reading the shards back (what training uses):
-  from maskdiff.shards import ShardSet
+  from maskdiff.data.shards import ShardSet
   data = ShardSet(["shards/uniprot", "shards/mnist"], shuffle_buffer=1000)   # .spec, .adapters
   for record in torch.utils.data.DataLoader(data, batch_size=None, num_workers=2): ...
 
@@ -53,8 +53,8 @@ from typing import Any
 
 from maskdiff.adapters import ADAPTERS, InputError, Option
 from maskdiff.progress import add_progress_flags
-from maskdiff.shards import DEFAULT_SHARD_SIZE, REJECTS, write_shards
-from maskdiff.tokens import VocabMismatchError
+from maskdiff.data.shards import DEFAULT_SHARD_SIZE, REJECTS, write_shards
+from maskdiff.core.tokens import VocabMismatchError
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, tuple[Option, set[str]]]]:

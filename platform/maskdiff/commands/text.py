@@ -45,9 +45,9 @@ def unescape(text: str) -> str:
 
 
 def run(args) -> int:
-    from maskdiff.generation import fill
-    from maskdiff.templates import text_template
-    from maskdiff.tokens import Field, Record
+    from maskdiff.tasks.generation import fill
+    from maskdiff.tasks.templates import text_template
+    from maskdiff.core.tokens import Field, Record
 
     from maskdiff.adapters.text import SUPPORT
 

@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     from maskdiff.cli import one_line, user_errors
     from maskdiff.config import ConfigError, load_config
     from maskdiff.config import to_run_config
-    from maskdiff.trainer import CONFIG, run_dir_of, train
+    from maskdiff.training.run_dir import CONFIG, run_dir_of
+    from maskdiff.training.trainer import train
 
     signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's or launcher's stop: same as Ctrl-C
     run_dir = args.resume
