@@ -23,7 +23,7 @@ from .bundle import open_bundle
 from .errors import UserError, user_errors
 from .files import atomic_path, write_text
 from .progress import add_progress_flags
-from maskdiff.core.sampler import SamplerOptions
+from maskdiff.core.sampler import GRIDS, METHODS, SamplerOptions
 
 USER_ERROR, INTERRUPTED = 2, 130
 
@@ -111,9 +111,9 @@ def add_sampling(p: argparse.ArgumentParser, steps: int = 64, batch_size: int = 
     g = p.add_argument_group("sampling")
     g.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same output (default 0)")
     g.add_argument("--steps", type=int, default=steps, help=f"reverse diffusion steps (default {steps})")
-    g.add_argument("--method", default="ancestral", choices=("ancestral", "genmd4", "topk"),
+    g.add_argument("--method", default="ancestral", choices=METHODS,
                    help="ancestral: MD4 reverse step; genmd4: state-dependent step (GenMD4-trained modalities); topk: confidence-ordered unmasking")
-    g.add_argument("--grid", default="cosine", choices=("linear", "cosine"), help="time grid of the reverse steps (default cosine)")
+    g.add_argument("--grid", default="cosine", choices=GRIDS, help="time grid of the reverse steps (default cosine)")
     g.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of each draw (default 1)")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the smallest set of values with this much mass (default 1 = off)")
     g.add_argument("--confidence-noise", type=float, default=0.0, help="topk: Gumbel noise on the confidence, scaled by t (default 0)")
