@@ -202,6 +202,20 @@ def test_validation_cells_take_a_tenth_of_each_column_within_bounds():
     assert all(rows[r][c] is not None for r, c in cells) and len(set(cells)) == len(cells)
 
 
+def test_validation_cells_leave_the_text_cells_of_a_number_column_in_place():
+    """Were "unknown" set aside, the fit would learn ages as numbers and the user's table would have a cell it cannot read."""
+    from maskdiff.tasks.imputation_calibration import validation_cells
+
+    rows = [[str(20 + i % 50) if i != 7 else "unknown", "yes" if i % 3 else "no"] for i in range(60)]
+    table = Table(["age", "smokes"], rows, "frame")
+    for seed in range(50):
+        cells = validation_cells(table, ["age", "smokes"], np.random.default_rng(seed))
+        assert (7, 0) not in cells
+        assert len([1 for _, c in cells if c == 0]) == 14 and len([1 for _, c in cells if c == 1]) == 15  # a quarter of 59 numbers, of 60
+    rows[7][0] = "27"  # an all-number column: every cell may be set aside
+    assert any((7, 0) in validation_cells(table, ["age"], np.random.default_rng(seed)) for seed in range(50))
+
+
 def test_calibration_shrinks_an_overconfident_guess_to_the_least_squares_weight_and_falls_back_to_the_mode():
     from maskdiff.tasks.imputation_calibration import calibrated, fit_calibration, from_info, to_json
 

@@ -75,16 +75,35 @@ class ColumnCalibration:
 
 
 def validation_cells(table: Table, columns: Sequence[str], rng: np.random.Generator) -> list[Cell]:
-    """Per column, observed cells to set aside: FRACTION of them, at least MIN_CELLS, at most MAX_FRACTION."""
+    """Per column, observed cells to set aside: FRACTION of them, at least MIN_CELLS, at most MAX_FRACTION.
+
+    Setting cells aside must not change what the model learns a column as: in a
+    column of numbers with a few other cells (``"unknown"`` among ages), which
+    the adapter learns as categorical, only number cells are set aside; were the
+    others all set aside, the column would be learned as numeric and its other
+    cells could neither be scored nor filled."""
     chosen: list[Cell] = []
     position = {name: c for c, name in enumerate(table.columns)}  # (a list's index() per column is quadratic in wide tables)
     for name in columns:
         c = position[name]
         observed = [r for r, row in enumerate(table.values) if row[c] is not None]
-        n = min(max(math.ceil(FRACTION * len(observed)), MIN_CELLS), int(MAX_FRACTION * len(observed)))
+        numbers = [r for r in observed if _is_number(table.values[r][c])]
+        candidates = numbers if 0 < len(numbers) < len(observed) else observed
+        n = min(max(math.ceil(FRACTION * len(observed)), MIN_CELLS), int(MAX_FRACTION * len(candidates)))
         if n > 0:
-            chosen.extend((int(r), c) for r in rng.choice(observed, size=n, replace=False))
+            chosen.extend((int(r), c) for r in rng.choice(candidates, size=n, replace=False))
     return sorted(chosen)
+
+
+def _is_number(value: Any) -> bool:
+    """Whether the tabular adapter reads ``value`` as a number (booleans are categories)."""
+    if isinstance(value, bool):
+        return False
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def fit_calibration(truth: Table, cells: Sequence[Cell], guesses: Mapping[Cell, Any],
