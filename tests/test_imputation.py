@@ -58,6 +58,14 @@ def test_numeric_best_guess_is_the_posterior_mean_over_bin_means_and_other_is_ne
     assert set(draws.values()) == {"a", "b"} and abs(share - 0.3 / 0.5) < 0.08  # drawn from p renormalised without 'other'
 
 
+def test_a_row_the_model_cannot_read_is_left_as_it_is_and_reported():
+    bundle = toy_bundle(lambda x_t, spec: probs(spec, [0.0, 0.0, 0.0, 1.0], [0.9, 0.1, 0.0]))
+    table = Table(["x", "c"], [[None, "a"], ["inf", None], ["heavy", None], [5.0, None]], "frame")
+    imp = impute(bundle, table)
+    assert [r for r, _ in imp.refused] == [1, 2] and "not a finite number" in imp.refused[0][1] and "not a number" in imp.refused[1][1]
+    assert set(imp.draws[0]) == set(imp.cells) == {(0, 0), (3, 1)}  # the readable rows are filled, the others untouched
+
+
 def test_cells_missing_together_are_filled_most_confident_first_and_conditioned_on_it():
     def dist(x_t, spec):
         r = spec.id_range("tabular/col:x")

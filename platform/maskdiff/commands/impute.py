@@ -166,6 +166,10 @@ def run(args) -> int:
         write_table(table, filled, path, delimiter)
     if summary:
         write_summary(uncertainty(imp), summary)
+    if imp.refused:
+        shown = "; ".join(f"data row {r + 1}: {why}" for r, why in imp.refused[:3])
+        print(f"{len(imp.refused)} row(s) the model cannot read are left as they are ({shown}{' ...' if len(imp.refused) > 3 else ''})",
+              file=sys.stderr)
     rows = len({r for r, _ in imp.cells})
     wrote = ", ".join(map(str, tables[:3])) + (" ..." if len(tables) > 3 else "") + (f" and {summary}" if summary else "")
     what = f"{args.draws} draw(s)" if args.draws else "best guess"

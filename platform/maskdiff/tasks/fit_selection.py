@@ -46,7 +46,7 @@ BUNDLE_KEY = "selected_step"  # bundle.json: the step whose weights the bundle h
 def fill_loss(truth: Table, cells: Sequence[Cell], guesses: dict[Cell, Any], kinds: dict[str, str]) -> float:
     """Mean over columns of a fill's loss on ``cells``: (RMSE / std)^2 for a numeric column (about 1 for
     the column mean), the error rate for a categorical one. Lower is better."""
-    per = score(truth, cells, guesses, kinds)
+    per = score(truth, [cell for cell in cells if cell in guesses], guesses, kinds)  # none for a row the model cannot read
     return float(np.mean([v["nrmse"] ** 2 if "nrmse" in v else 1.0 - v["accuracy"] for name, v in per.items() if name != "all"]))
 
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 import csv
 import math
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -66,6 +66,7 @@ class Imputation:
     kinds: dict[str, str]  # column -> numeric | categorical
     confidence: dict[Cell, float]  # best guess: the model's probability of the chosen category / bin
     network_calls: int
+    refused: list[tuple[int, str]] = field(default_factory=list)  # (row, reason): rows the model cannot read, left as they are
 
 
 def check_columns(table: Table, adapter, passthrough: Sequence[str] = ()) -> list[str]:
@@ -82,19 +83,21 @@ def check_columns(table: Table, adapter, passthrough: Sequence[str] = ()) -> lis
     return [c for c in table.columns if c in known]
 
 
-def row_records(table: Table, adapter) -> list[Record]:
-    """One record per row; a cell the adapter refuses is a :class:`UserError` naming its row."""
+def row_records(table: Table, adapter) -> tuple[list[Record], list[tuple[int, str]]]:
+    """One record per row the adapter reads, and (row, reason) for each row it refuses (an infinite
+    number, a text in a column learned as numbers): those are left as they are, as the fit left them."""
     index = {c: i for i, c in enumerate(table.columns)}
-    records = []
+    records, refused = [], []
     for r, row in enumerate(table.values):
         raw = {c: (row[index[c]] if c in index else None) for c in adapter.columns}
         try:
             rec = adapter.encode(raw)
         except Reject as e:
-            raise UserError(f"data row {r + 1}: {e}") from None
+            refused.append((r, str(e)))
+            continue
         rec.meta["row"] = r
         records.append(rec)
-    return records
+    return records, refused
 
 
 def tables_of(bundle) -> list:
@@ -257,7 +260,7 @@ def impute(bundle, table: Table, *, draws: int = 0, temperature: float = 1.0, pa
     adapter = table_adapter(bundle, table.columns, dataset)
     used = check_columns(table, adapter, passthrough)
     col_index = {c: table.columns.index(c) for c in used}
-    records = row_records(table, adapter)
+    records, refused = row_records(table, adapter)
     learned = list(adapter.columns)
     todo = [rec for rec in records if any(rec[f"col:{c}"].tokens[0] == MISSING for c in used)]
     cells = [(rec.meta["row"], col_index[c]) for rec in todo for c in used if rec[f"col:{c}"].tokens[0] == MISSING]
@@ -282,7 +285,7 @@ def impute(bundle, table: Table, *, draws: int = 0, temperature: float = 1.0, pa
         results.append(out)
     if draws == 0 and calibrate:
         results = [calibrated(results[0], table.columns, from_info(getattr(bundle, "info", {})))]
-    return Imputation(table, cells, results, kinds, confidence, calls)
+    return Imputation(table, cells, results, kinds, confidence, calls, refused)
 
 
 def uncertainty(imp: Imputation) -> list[dict[str, Any]]:

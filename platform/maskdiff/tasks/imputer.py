@@ -95,6 +95,9 @@ class MaskdiffImputer(*_BASES):  # type: ignore[misc]
         if not any(v is None for row in table.values for v in row):
             return _copy(X)
         imp = impute(self.bundle_, table, seed=self.seed, device=self.device)
+        if imp.refused:  # their missing cells would stay NaN
+            r, why = imp.refused[0]
+            raise ValueError(f"{len(imp.refused)} row(s) cannot be read by the model, e.g. row {r}: {why}")
         return _filled(X, imp.draws[0])
 
     def fit_transform(self, X: Any, y: Any = None, **fit_params: Any) -> Any:

@@ -193,7 +193,7 @@ def calibrate(bundle_path: Path, truth: Table, learn_from: Table, held: Sequence
     rows = sorted({r for r, _ in held})
     at = {r: i for i, r in enumerate(rows)}
     filled = impute(bundle, Table(learn_from.columns, [learn_from.values[r] for r in rows], "frame"), calibrate=False).draws[0]
-    guesses = {(r, c): filled[(at[r], c)] for r, c in held}
+    guesses = {(r, c): filled[(at[r], c)] for r, c in held if (at[r], c) in filled}  # none for a row the model cannot read
     kinds = {c: adapter.kind(c) for c in adapter.columns}
     calibration = fit_calibration(truth, held, guesses, kinds)
     annotate(bundle_path, BUNDLE_KEY, to_json(calibration))
