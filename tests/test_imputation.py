@@ -98,24 +98,27 @@ def test_fit_and_impute_in_one_command_learns_a_dependency(capsys):
     truth = read_table(synthetic_table(tmp / "truth.csv"))
     hide = np.random.default_rng(1).random((truth.num_rows, 2)) < 0.25
     lines = (tmp / "truth.csv").read_text().splitlines()
-    masked = [lines[0]]
+    masked = [lines[0] + ",id"]  # an identifier column: passed through, and its set-aside cells are no trouble
     for r, line in enumerate(lines[1:]):
         cells = line.split(",")
         cells[1] = "" if hide[r, 0] else cells[1]
         cells[2] = "" if hide[r, 1] else cells[2]
-        masked.append(",".join(cells))
+        cells[3] = "inf" if r == 5 else cells[3]  # a row the model cannot read: left as it is, and reported
+        masked.append(",".join(cells + [f"id-{r:04d}"]))
     (tmp / "in.csv").write_text("\n".join(masked) + "\n")
     code, out, err = run_tool(capsys, "impute", "--input", tmp / "in.csv", "--output", tmp / "out.csv", "--minutes", 1,
                               "--run-dir", tmp / "run", "--no-progress")
     assert code == 0, err
+    assert "column 'id' is passed through" in err and "1 row(s) the model cannot read are left as they are (data row 6: column 'z'" in err
+    assert (tmp / "out.csv").read_text().splitlines()[6] == masked[6]
     assert f"--model {tmp / 'run' / 'model' / 'bundle'}" in err and (tmp / "run" / "model" / "config.yaml").is_file()
     # the set-aside cells scored the run's checkpoints; the bundle holds the best one's weights, and the checkpoints are gone
     selected = json.loads((tmp / "run" / "model" / "bundle" / "bundle.json").read_text())["selected_step"]
     assert selected["scores"][str(selected["step"])] == min(selected["scores"].values())
     assert not (tmp / "run" / "model" / "checkpoints").exists()
     filled = read_table(tmp / "out.csv")
-    b_hits = [filled.values[r][1] == truth.values[r][1] for r in range(truth.num_rows) if hide[r, 0]]
-    n_err = [float(filled.values[r][2]) - float(truth.values[r][2]) for r in range(truth.num_rows) if hide[r, 1]]
+    b_hits = [filled.values[r][1] == truth.values[r][1] for r in range(truth.num_rows) if hide[r, 0] and r != 5]
+    n_err = [float(filled.values[r][2]) - float(truth.values[r][2]) for r in range(truth.num_rows) if hide[r, 1] and r != 5]
     n_sd = np.std([float(v[2]) for v in truth.values])
     assert np.mean(b_hits) > 0.9  # the marginal (mode) gets about a quarter
     assert math.sqrt(np.mean(np.square(n_err))) / n_sd < 0.5  # the column mean gets 1.0

@@ -37,7 +37,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .imputation_quality import column_mean_or_mode
+from .imputation_quality import column_mean_or_mode, finite_number
 from maskdiff.data.tables import Table
 
 BUNDLE_KEY = "imputation_calibration"
@@ -78,32 +78,22 @@ def validation_cells(table: Table, columns: Sequence[str], rng: np.random.Genera
     """Per column, observed cells to set aside: FRACTION of them, at least MIN_CELLS, at most MAX_FRACTION.
 
     Setting cells aside must not change what the model learns a column as: in a
-    column of numbers with a few other cells (``"unknown"`` among ages), which
-    the adapter learns as categorical, only number cells are set aside; were the
-    others all set aside, the column would be learned as numeric and its other
-    cells could neither be scored nor filled."""
+    column of numbers with a few other cells (``"unknown"`` among ages, which
+    the adapter learns as categorical; ``inf``, whose row it refuses), only the
+    finite numbers are set aside; were the others all set aside, the column
+    would be learned as numeric and the user's other cells could neither be
+    scored nor filled."""
     chosen: list[Cell] = []
     position = {name: c for c, name in enumerate(table.columns)}  # (a list's index() per column is quadratic in wide tables)
     for name in columns:
         c = position[name]
         observed = [r for r, row in enumerate(table.values) if row[c] is not None]
-        numbers = [r for r in observed if _is_number(table.values[r][c])]
+        numbers = [r for r in observed if finite_number(table.values[r][c]) is not None]
         candidates = numbers if 0 < len(numbers) < len(observed) else observed
         n = min(max(math.ceil(FRACTION * len(observed)), MIN_CELLS), int(MAX_FRACTION * len(candidates)))
         if n > 0:
             chosen.extend((int(r), c) for r in rng.choice(candidates, size=n, replace=False))
     return sorted(chosen)
-
-
-def _is_number(value: Any) -> bool:
-    """Whether the tabular adapter reads ``value`` as a number (booleans are categories)."""
-    if isinstance(value, bool):
-        return False
-    try:
-        float(value)
-    except (TypeError, ValueError):
-        return False
-    return True
 
 
 def fit_calibration(truth: Table, cells: Sequence[Cell], guesses: Mapping[Cell, Any],

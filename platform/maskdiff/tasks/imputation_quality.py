@@ -6,6 +6,7 @@ otherwise reach for (column mode / mean) live here too.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from typing import Any, Sequence
 
@@ -74,8 +75,19 @@ def mode_mean_baseline(train: Table, cells: Sequence[tuple[int, int]], kinds: di
 
 
 def column_mean_or_mode(table: Table, c: int, kind: str) -> Any:
-    """Column ``c``'s mean over its observed cells (numeric), or its most frequent value as text."""
+    """Column ``c``'s mean over its observed finite numbers (numeric), or its most frequent value as text."""
     observed = [row[c] for row in table.values if row[c] is not None]
     if kind == "numeric":
-        return float(np.mean([float(v) for v in observed]))
+        return float(np.mean([x for v in observed if (x := finite_number(v)) is not None]))
     return Counter(map(str, observed)).most_common(1)[0][0]
+
+
+def finite_number(value: Any) -> float | None:
+    """``value`` as a finite float, or None (a text, a boolean, inf, nan): what the tabular adapter learns as a number."""
+    if isinstance(value, bool):
+        return None
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None

@@ -141,6 +141,7 @@ def _fit(source: Path, run_dir: Path, minutes: float, adapter_options: dict[str,
     adapter = adapter_of(ShardSet([shard_dir], rank=0, world_size=1).adapters, "tabular")
     for name, why in adapter.passthrough.items():
         log(f"column {name!r} is passed through, not learned: {why}")
+    held = [(r, c) for r, c in held if table.columns[c] in adapter.columns]  # a column found not learnable has nothing to judge
     if manifest["records_rejected"]:
         log(f"{manifest['records_rejected']} row(s) could not be read and are left as they are (reasons in {shard_dir / REJECTS})")
     plan = plan_fit(manifest["records_written"], len(adapter.columns),
