@@ -211,6 +211,8 @@ def test_validation_cells_take_a_tenth_of_each_column_within_bounds():
     per = {c: [r for r, cc in cells if cc == c] for c in range(3)}
     assert len(per[0]) == 100 and len(per[1]) == 50 and len(per[2]) == 10  # 10%; 10% of 500; at most a quarter of 40
     assert all(rows[r][c] is not None for r, c in cells) and len(set(cells)) == len(cells)
+    big = Table(["x"], [[str(i)] for i in range(30_000)], "frame")
+    assert len(validation_cells(big, ["x"], np.random.default_rng(0))) == 1000  # not 3,000: the rest is training data
 
 
 def test_validation_cells_leave_the_text_cells_of_a_number_column_in_place():
@@ -225,6 +227,19 @@ def test_validation_cells_leave_the_text_cells_of_a_number_column_in_place():
         assert len([1 for _, c in cells if c == 0]) == 14 and len([1 for _, c in cells if c == 1]) == 15  # a quarter of 59 numbers, of 60
     rows[7][0] = "27"  # an all-number column: every cell may be set aside
     assert any((7, 0) in validation_cells(table, ["age"], np.random.default_rng(seed)) for seed in range(50))
+
+
+def test_a_number_column_learned_as_categories_because_of_a_few_texts_gets_a_hint():
+    from maskdiff.tasks.table_fit import number_columns_learned_as_categories
+
+    rows = [{"age": "unknown" if i % 20 == 0 else str(20 + i % 50), "smokes": "yes" if i % 3 else "no",
+             "code": "x" if i % 2 else str(i)} for i in range(200)]  # code: half numbers, a real categorical column
+    adapter = TabularAdapter()
+    adapter.fit(rows)
+    table = Table(["age", "smokes", "code"], [[r["age"], r["smokes"], r["code"]] for r in rows], "frame")
+    hints = number_columns_learned_as_categories(table, adapter, [])
+    assert len(hints) == 1 and "'age'" in hints[0] and "10 of its 200 cells" in hints[0] and "'unknown'" in hints[0]
+    assert number_columns_learned_as_categories(table, adapter, ["age"]) == []  # asked for by --categorical: no hint
 
 
 def test_calibration_shrinks_an_overconfident_guess_to_the_least_squares_weight_and_falls_back_to_the_mode():

@@ -4,7 +4,7 @@ A model learned from a few hundred rows can be less sure than it thinks: on a
 column that hardly depends on the others its posterior mean is noisier than
 the column mean. The fit therefore sets aside some observed cells before
 training (:func:`validation_cells`: a tenth of each learned column, at least
-20, at most a quarter), lets the trained model fill them from the rest of
+20, at most a quarter or 1,000), lets the trained model fill them from the rest of
 their rows, and per column compares its guesses with the truth
 (:func:`fit_calibration`):
 
@@ -42,6 +42,7 @@ from maskdiff.data.tables import Table
 
 BUNDLE_KEY = "imputation_calibration"
 FRACTION, MIN_CELLS, MAX_FRACTION = 0.1, 20, 0.25  # validation cells per learned column
+MAX_CELLS = 1000  # enough to judge a column by; in a large table the rest are worth more as training data
 MIN_TO_CALIBRATE = 10  # fewer validation cells than this: the column keeps the model's guess
 
 Cell = tuple[int, int]
@@ -75,7 +76,8 @@ class ColumnCalibration:
 
 
 def validation_cells(table: Table, columns: Sequence[str], rng: np.random.Generator) -> list[Cell]:
-    """Per column, observed cells to set aside: FRACTION of them, at least MIN_CELLS, at most MAX_FRACTION.
+    """Per column, observed cells to set aside: FRACTION of them, at least MIN_CELLS, at most MAX_FRACTION
+    and MAX_CELLS.
 
     Setting cells aside must not change what the model learns a column as: in a
     column of numbers with a few other cells (``"unknown"`` among ages, which
@@ -90,7 +92,7 @@ def validation_cells(table: Table, columns: Sequence[str], rng: np.random.Genera
         observed = [r for r, row in enumerate(table.values) if row[c] is not None]
         numbers = [r for r in observed if finite_number(table.values[r][c]) is not None]
         candidates = numbers if 0 < len(numbers) < len(observed) else observed
-        n = min(max(math.ceil(FRACTION * len(observed)), MIN_CELLS), int(MAX_FRACTION * len(candidates)))
+        n = min(max(math.ceil(FRACTION * len(observed)), MIN_CELLS), int(MAX_FRACTION * len(candidates)), MAX_CELLS)
         if n > 0:
             chosen.extend((int(r), c) for r in rng.choice(candidates, size=n, replace=False))
     return sorted(chosen)

@@ -3,7 +3,7 @@
 :func:`fit_table` is what ``tools/impute.py`` runs when no ``--model`` is
 given, and what :class:`maskdiff.tasks.imputer.MaskdiffImputer` runs in ``fit``:
 
-1. set aside a tenth of the observed cells of each column for calibration
+1. set aside a tenth of the observed cells of each column (at most 1,000) for calibration
    (:func:`maskdiff.tasks.imputation_calibration.validation_cells`) and write the
    rest as ``RUN/fit-input.<csv|parquet>``;
 2. shard that into ``RUN/shards`` (missing cells are not tokens, so only
@@ -33,6 +33,7 @@ import multiprocessing
 import os
 import shutil
 import time
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +50,7 @@ from maskdiff.errors import UserError
 from maskdiff.config import RunConfig, to_run_config, validate
 from .fit_selection import CheckpointWatch, checkpoint_every
 from .imputation_calibration import BUNDLE_KEY, fit_calibration, to_json, validation_cells
-from .imputation_quality import with_hidden
+from .imputation_quality import finite_number, with_hidden
 from maskdiff.data.shards import REJECTS, ShardSet, write_shards
 from maskdiff.data.tables import Table, read_table, write_table
 
@@ -59,6 +60,7 @@ START_S = 30.0  # the trainer's start in its own process (imports, DeepSpeed's e
 ENGINE_S = 15.0  # what is left of it once the child runs (the engine, the shards); the loop gets the rest
 MAX_MEMBERS = 4  # models averaged when the budget allows more than one (small tables)
 POLL_S = 2.0  # how often the parent looks for new checkpoints of a training child
+NUMBERS_SHARE = 0.9  # a categorical column with at least this share of number cells gets a hint (see number_columns_learned_as_categories)
 FILL_S_PER_ROW = 0.004  # one imputation pass, per row, on a busy 2-core machine (measured: about 2 ms quiet)
 
 
@@ -103,10 +105,11 @@ def plan_fit(rows: int, row_tokens: int, budget_s: float) -> FitPlan:
     return FitPlan(rows, row_tokens, batch_rows, math.ceil(MAX_EPOCHS * rows / batch_rows), budget_s)
 
 
-def training_budget(minutes: float, spent_s: float, rows: int) -> float:
+def training_budget(minutes: float, spent_s: float, rows_filled: int) -> float:
     """Seconds of ``minutes`` left for the training loop after what was spent and what comes after it:
-    the trainer's start (about half a minute) and two imputation passes (calibration, then the table)."""
-    return max(10.0, minutes * 60 - spent_s - START_S - 2 * FILL_S_PER_ROW * rows)
+    the trainer's start (about half a minute) and filling ``rows_filled`` rows (the rows with set-aside
+    cells, to calibrate, then the table)."""
+    return max(10.0, minutes * 60 - spent_s - START_S - FILL_S_PER_ROW * rows_filled)
 
 
 def fit_table(source: str | Path, run_dir: str | Path, *, minutes: float, adapter_options: Mapping[str, Any] | None = None,
@@ -141,11 +144,14 @@ def _fit(source: Path, run_dir: Path, minutes: float, adapter_options: dict[str,
     adapter = adapter_of(ShardSet([shard_dir], rank=0, world_size=1).adapters, "tabular")
     for name, why in adapter.passthrough.items():
         log(f"column {name!r} is passed through, not learned: {why}")
+    for hint in number_columns_learned_as_categories(table, adapter, _names(adapter_options.get("categorical"))):
+        log(hint)
     held = [(r, c) for r, c in held if table.columns[c] in adapter.columns]  # a column found not learnable has nothing to judge
+    rows_filled = len({r for r, _ in held}) + table.num_rows  # after training: calibration, then the table
     if manifest["records_rejected"]:
         log(f"{manifest['records_rejected']} row(s) could not be read and are left as they are (reasons in {shard_dir / REJECTS})")
     plan = plan_fit(manifest["records_written"], len(adapter.columns),
-                    training_budget(minutes, time.perf_counter() - started, table.num_rows))
+                    training_budget(minutes, time.perf_counter() - started, rows_filled))
     cfg = OmegaConf.merge(base_config(shard_dir, model_dir, seed),
                           {"data": {"batch_tokens": plan.batch_rows * plan.row_tokens},
                            "train": {"steps": plan.steps, "minutes": plan.budget_s / 60,
@@ -157,14 +163,14 @@ def _fit(source: Path, run_dir: Path, minutes: float, adapter_options: dict[str,
     fit_ends = time.time() + minutes * 60 - (time.perf_counter() - started)
     t0 = time.time()
     watch = CheckpointWatch(cfg, table, learn_from, held, seed, log)
-    bundle = train_in_child(cfg, progress, ends_at=fit_ends - 2 * FILL_S_PER_ROW * table.num_rows, poll=watch.poll)
+    bundle = train_in_child(cfg, progress, ends_at=fit_ends - FILL_S_PER_ROW * rows_filled, poll=watch.poll)
     trained = int(load_bundle(bundle).info["step"])
     watch.keep_best(bundle)
     best = watch.best_step or trained
     # further models train for the chosen number of steps (their learning rate decays over them)
     member_cfg = OmegaConf.merge(cfg, {"train": {"steps": best, "checkpoint_every": best, "keep_checkpoints": 1}})
     member_s = START_S + (time.time() - t0 - START_S) * best / max(trained, 1)
-    members = more_members(member_cfg, run_dir, fit_ends - 2 * FILL_S_PER_ROW * MAX_MEMBERS * table.num_rows, member_s, progress, log)
+    members = more_members(member_cfg, run_dir, fit_ends - FILL_S_PER_ROW * MAX_MEMBERS * rows_filled, member_s, progress, log)
     if members:
         annotate(bundle, ENSEMBLE, [os.path.relpath(m, bundle) for m in members])
     calibrate(bundle, table, learn_from, held, log)
@@ -200,6 +206,23 @@ def calibrate(bundle_path: Path, truth: Table, learn_from: Table, held: Sequence
     annotate(bundle_path, BUNDLE_KEY, to_json(calibration))
     for name, cal in calibration.items():
         log(cal.describe(name))
+
+
+def number_columns_learned_as_categories(table: Table, adapter: Any, named: Sequence[str]) -> list[str]:
+    """A line for each column learned as categories only because a few of its cells are not numbers
+    (at least NUMBERS_SHARE are), naming those texts: often they mean 'missing' (``unknown``, ``-``)."""
+    hints = []
+    for name in adapter.columns:
+        if adapter.kind(name) != "categorical" or name in named:
+            continue
+        c = table.columns.index(name)
+        cells = [row[c] for row in table.values if row[c] is not None]
+        others = Counter(str(v) for v in cells if finite_number(v) is None)
+        if others and len(cells) - sum(others.values()) >= NUMBERS_SHARE * len(cells):
+            shown = ", ".join(repr(t) for t, _ in others.most_common(3)) + (" ..." if len(others) > 3 else "")
+            hints.append(f"column {name!r} is learned as categories: {sum(others.values())} of its {len(cells)} cells are not "
+                         f"numbers ({shown}); if they mean 'missing', add them to --na-values and it is learned as numbers")
+    return hints
 
 
 def _names(text: str | None) -> list[str]:
