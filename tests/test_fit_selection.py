@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -22,6 +23,17 @@ def test_fill_loss_is_the_mean_over_columns_of_squared_relative_rmse_and_error_r
     var = torch.tensor([1.0, 3.0, 5.0, 7.0]).var(unbiased=False).item()  # the std of the hidden values scales the RMSE
     expected = (mse / var + 2 / 3) / 2  # x: (RMSE / std)^2; c: 2 of 3 wrong
     assert fill_loss(truth, cells, guesses, {"x": "numeric", "c": "categorical"}) == pytest.approx(expected)
+
+
+def test_fill_loss_leaves_out_columns_with_too_few_cells_to_judge() -> None:
+    """A mostly empty column with one set-aside cell has no spread to scale by: its raw error must not decide."""
+    rows = [[float(i), 300.0 if i == 0 else None] for i in range(12)]
+    truth = Table(["x", "sparse"], rows, "frame")
+    cells = [(r, 0) for r in range(12)] + [(0, 1)]
+    guesses = {(r, 0): float(r) + (1.0 if r % 2 else -1.0) for r in range(12)} | {(0, 1): 0.0}
+    x_only = fill_loss(truth, cells[:12], guesses, {"x": "numeric", "sparse": "numeric"})
+    assert x_only == pytest.approx(1.0 / np.var(np.arange(12.0)))
+    assert fill_loss(truth, cells, guesses, {"x": "numeric", "sparse": "numeric"}) == pytest.approx(x_only)
 
 
 def _checkpoint(run_dir: Path, step: int) -> None:

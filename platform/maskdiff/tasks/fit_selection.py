@@ -29,6 +29,7 @@ from maskdiff.bundle import Bundle, annotate, export_bundle, load_bundle
 from maskdiff.training.checkpoints import damage, safe_load, step_of
 from maskdiff.config import to_run_config
 from .imputation import impute
+from .imputation_calibration import MIN_TO_CALIBRATE
 from .imputation_quality import score
 from maskdiff.core.joint import JointModel
 from maskdiff.data.loader import open_sources
@@ -45,9 +46,15 @@ BUNDLE_KEY = "selected_step"  # bundle.json: the step whose weights the bundle h
 
 def fill_loss(truth: Table, cells: Sequence[Cell], guesses: dict[Cell, Any], kinds: dict[str, str]) -> float:
     """Mean over columns of a fill's loss on ``cells``: (RMSE / std)^2 for a numeric column (about 1 for
-    the column mean), the error rate for a categorical one. Lower is better."""
+    the column mean), the error rate for a categorical one. Lower is better.
+
+    Only columns with at least MIN_TO_CALIBRATE cells count (all of them when none has that many): the
+    std of a handful of cells is noise, and that of one cell is zero, which left a mostly empty
+    column's raw squared error (thousands) to decide which checkpoint was best."""
     per = score(truth, [cell for cell in cells if cell in guesses], guesses, kinds)  # none for a row the model cannot read
-    return float(np.mean([v["nrmse"] ** 2 if "nrmse" in v else 1.0 - v["accuracy"] for name, v in per.items() if name != "all"]))
+    columns = [v for name, v in per.items() if name != "all"]
+    judged = [v for v in columns if v["cells"] >= MIN_TO_CALIBRATE] or columns
+    return float(np.mean([v["nrmse"] ** 2 if "nrmse" in v else 1.0 - v["accuracy"] for v in judged]))
 
 
 def checkpoint_every(planned_steps: int) -> int:
