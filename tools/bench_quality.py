@@ -105,12 +105,14 @@ def bench_table(path: Path, args) -> dict:
         filled = time.perf_counter() - t0
         raw = impute(bundle, hidden, seed=args.seed, calibrate=False)  # the same fill without the held-out correction
     adapter = bundle.adapter("tabular")
-    learned = [(r, c) for r, c in cells if truth.columns[c] in adapter.columns]
+    refused = {r for r, _ in imp.refused}  # rows the model cannot read (an inf): left as they are, not scored
+    learned = [(r, c) for r, c in cells if truth.columns[c] in adapter.columns and r not in refused]
     kinds = {c: adapter.kind(c) for c in adapter.columns}
     results = {"model": score(truth, learned, imp.draws[0], kinds), "model, uncalibrated": score(truth, learned, raw.draws[0], kinds),
                "mode/mean": score(truth, learned, mode_mean_baseline(hidden, learned, kinds), kinds)}
     results.update(sklearn_baselines(truth, hidden, learned, kinds, args.seed))
-    return {"table": str(path), "rows": truth.num_rows, "hidden_cells": len(learned), "passed_through": adapter.passthrough,
+    return {"table": str(path), "rows": truth.num_rows, "hidden_cells": len(learned), "refused_rows": len(refused),
+            "passed_through": adapter.passthrough,
             "fit_seconds": round(fitted, 1), "impute_seconds": round(filled, 1), "steps": bundle.info["step"], "batch_rows": plan.batch_rows,
             "calibration": bundle.info.get("imputation_calibration", {}), "results": results}
 
