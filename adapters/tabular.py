@@ -346,18 +346,26 @@ def _cell_text(value: Any) -> str:
     return str(value)
 
 
+def as_number(value: Any) -> float | None:
+    """A cell as a float (``inf`` included), or None when it is not read as a number: a text, a boolean."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
 def _as_numbers(cells: list[Any], strict: bool) -> np.ndarray | None:
     """The cells as floats, or None when one is not a number (and ``strict``)."""
+    if any(isinstance(c, bool) for c in cells):
+        return None
     out = np.empty(len(cells), dtype=np.float64)
     for i, c in enumerate(cells):
-        if isinstance(c, bool):
+        x = as_number(c)
+        if x is None and strict:
             return None
-        try:
-            out[i] = float(c)
-        except (TypeError, ValueError):
-            if strict:
-                return None
-            out[i] = np.nan
+        out[i] = np.nan if x is None else x
     return out
 
 

@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import numpy as np
 import pyarrow as pa
 
+from maskdiff.adapters.tabular import as_number
 from maskdiff.data.tables import Table
 
 
@@ -83,11 +84,6 @@ def column_mean_or_mode(table: Table, c: int, kind: str) -> Any:
 
 
 def finite_number(value: Any) -> float | None:
-    """``value`` as a finite float, or None (a text, a boolean, inf, nan): what the tabular adapter learns as a number."""
-    if isinstance(value, bool):
-        return None
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        return None
-    return x if math.isfinite(x) else None
+    """``value`` as a finite float, or None (a text, a boolean, inf, nan): a number the tabular adapter learns."""
+    x = as_number(value)
+    return x if x is not None and math.isfinite(x) else None

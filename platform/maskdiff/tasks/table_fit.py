@@ -212,10 +212,11 @@ def number_columns_learned_as_categories(table: Table, adapter: Any, named: Sequ
     """A line for each column learned as categories only because a few of its cells are not numbers
     (at least NUMBERS_SHARE are), naming those texts: often they mean 'missing' (``unknown``, ``-``)."""
     hints = []
+    position = {name: c for c, name in enumerate(table.columns)}
     for name in adapter.columns:
         if adapter.kind(name) != "categorical" or name in named:
             continue
-        c = table.columns.index(name)
+        c = position[name]
         cells = [row[c] for row in table.values if row[c] is not None]
         others = Counter(str(v) for v in cells if finite_number(v) is None)
         if others and len(cells) - sum(others.values()) >= NUMBERS_SHARE * len(cells):
