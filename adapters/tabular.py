@@ -17,8 +17,12 @@ Some columns are not learned but *passed through* (kept in the table, never a
 field of the record), each with its reason in :attr:`TabularAdapter.passthrough`:
 columns named in ``passthrough``; free text and identifiers (categorical
 columns with more than ``free_text`` distinct values, most of them seen once:
-names, titles, comments); dates (every observed cell an ISO date or time); and
-columns with no observed value at all. Imputation leaves their cells as they are.
+names, titles, comments); dates (every observed cell an ISO date or time);
+row numbers (whole numbers, each the row's position plus one constant, at
+least ``MIN_ROW_NUMBERS`` of them: the index column pandas and R write by
+default); and columns with no observed value at all. Imputation leaves their
+cells as they are, except the missing cells of row numbers, which it fills
+with their row's number (:func:`row_number_offset`).
 
 * Categorical columns get one token per category seen when fitting (at most
   ``max_categories``, the most frequent; other values — beyond the cap or
@@ -263,6 +267,8 @@ class TabularAdapter(Adapter):
             numbers = None if name in forced_cat else _as_numbers(cells, strict=name not in forced_num)
             if not cells:
                 passthrough[name] = "no observed value to learn from"
+            elif name not in forced_num and (offset := row_number_offset([r[name] for r in rows])) is not None:
+                passthrough[name] = f"{ROW_NUMBERS}: each row's position plus {offset}"
             elif numbers is not None:
                 columns[name] = NumericBins.fit(numbers, self.options["bins"] or _auto_bins(int(np.isfinite(numbers).sum())))
             elif name not in forced_cat and (why := _not_learnable(cells, self.options["free_text"])):
@@ -389,6 +395,24 @@ def _check_utf8(path: Path) -> None:
 def _auto_bins(observed: int) -> int:
     """About sqrt(n) quantile bins (16 to 64): enough rows per bin to learn its probability."""
     return int(np.clip(round(math.sqrt(max(observed, 1))), 16, 64))
+
+
+ROW_NUMBERS = "row numbers"  # how a passed-through row-number column's reason starts
+MIN_ROW_NUMBERS = 10  # observed cells it takes to call a column row numbers rather than a coincidence
+
+
+def row_number_offset(cells: Sequence[Any]) -> int | None:
+    """The constant ``k`` when every observed cell (None is missing) is the whole number ``position + k``
+    and at least ``MIN_ROW_NUMBERS`` are observed; else None."""
+    offset, seen = None, 0
+    for i, c in enumerate(cells):
+        if c is None:
+            continue
+        x = as_number(c)
+        if x is None or not math.isfinite(x) or x != int(x) or (offset is not None and int(x) - i != offset):
+            return None
+        offset, seen = int(x) - i, seen + 1
+    return offset if seen >= MIN_ROW_NUMBERS else None
 
 
 ISO_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}([ T]\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}:?\d{2})?)?$")

@@ -20,7 +20,7 @@ from maskdiff.core.tokens import VocabSpec
 
 def toy_bundle(distribution):
     """A bundle whose 'denoiser' returns ``distribution(x_t, spec)``: column x numeric (4 bins of 0..99), column c categorical."""
-    adapter = TabularAdapter(bins=4, max_categories=2)  # c keeps a and b; 'rare' goes to the other bucket
+    adapter = TabularAdapter(bins=4, max_categories=2, numeric="x")  # x counts up with the rows: learned, not row numbers; c keeps a and b; 'rare' goes to the other bucket
     adapter.fit([{"x": float(v), "c": "ab"[v % 2] if v < 98 else "rare"} for v in range(100)])
     spec = VocabSpec(adapter.supports())
 
@@ -291,3 +291,25 @@ def test_an_ensemble_imputes_from_the_mixture_of_its_members_conditionals():
     best = impute(first, Table(["x", "c"], [[None, 1.0], [2.0, None]], "frame")).draws[0]
     assert best[(0, 0)] == pytest.approx(sum(p * m for p, m in zip([0.4, 0.15, 0.15, 0.3], means)))  # 45.75, not 27 or 64
     assert best[(1, 1)] == "b"  # mixture (0.4, 0.6): b, though the second member alone says a
+
+
+def test_a_row_number_column_is_passed_through_and_its_holes_get_their_row_numbers():
+    from maskdiff.adapters.tabular import row_number_offset
+    from maskdiff.tasks.imputation import row_number_cells
+
+    assert row_number_offset([None if i % 4 == 0 else i + 1 for i in range(40)]) == 1  # pandas' or R's index, with holes
+    assert row_number_offset([str(i) for i in range(40)]) == 0  # quoted in the CSV
+    assert row_number_offset([i + 1 for i in range(9)]) is None  # too few to tell from a coincidence
+    assert row_number_offset([(i * 7) % 40 for i in range(40)]) is None  # distinct, but not in row order
+    assert row_number_offset([i + 0.5 for i in range(40)]) is None and row_number_offset([True] * 40) is None
+    rows = [{"": None if i % 5 == 0 else i + 1, "kind": "xy"[i % 2], "n": float(i % 7)} for i in range(60)]
+    adapter = TabularAdapter()
+    adapter.fit(rows)
+    assert list(adapter.columns) == ["kind", "n"] and adapter.passthrough[""].startswith("row numbers")
+    forced = TabularAdapter(numeric="idx")  # naming it --numeric learns it
+    forced.fit([{"idx": i + 1, "n": float(i % 7)} for i in range(60)])
+    assert "idx" in forced.columns
+    table = Table(["", "kind", "n"], [[r[""], r["kind"], r["n"]] for r in rows], "frame")
+    assert row_number_cells(table, adapter) == {(i, 0): i + 1 for i in range(0, 60, 5)}
+    table.values[1][0] = 7  # no longer counts up with the rows: left as it is
+    assert row_number_cells(table, adapter) == {}

@@ -21,7 +21,9 @@ are filled consistently:
 
 The *other* bucket of a categorical column (values beyond its category cap)
 is never written into a cell: it is excluded before choosing. Observed cells
-are never changed; passed-through columns are left as they are.
+are never changed; passed-through columns are left as they are, except a
+column of row numbers, whose missing cells get their row's number
+(:func:`row_number_cells`).
 
 A model that learned several tables (each its own data set, see
 :mod:`maskdiff.core.tokens`) fills a table with the columns of the one it names
@@ -43,6 +45,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from maskdiff.adapters import CategoryVocab, Reject
+from maskdiff.adapters.tabular import ROW_NUMBERS, row_number_offset
 
 from maskdiff.core.batch import Batch, collate
 from maskdiff.bundle import adapter_of
@@ -98,6 +101,20 @@ def row_records(table: Table, adapter) -> tuple[list[Record], list[tuple[int, st
         rec.meta["row"] = r
         records.append(rec)
     return records, refused
+
+
+def row_number_cells(table: Table, adapter) -> dict[Cell, int]:
+    """The missing cells of the columns the adapter passed through as row numbers, each its row's
+    number, when the observed cells of ``table`` still count up with the rows (else none)."""
+    out: dict[Cell, int] = {}
+    for name, why in getattr(adapter, "passthrough", {}).items():
+        if not why.startswith(ROW_NUMBERS) or name not in table.columns:
+            continue
+        c = table.columns.index(name)
+        offset = row_number_offset([row[c] for row in table.values])
+        if offset is not None:
+            out.update({(r, c): r + offset for r, row in enumerate(table.values) if row[c] is None})
+    return out
 
 
 def tables_of(bundle) -> list:
@@ -285,6 +302,13 @@ def impute(bundle, table: Table, *, draws: int = 0, temperature: float = 1.0, pa
         results.append(out)
     if draws == 0 and calibrate:
         results = [calibrated(results[0], table.columns, from_info(getattr(bundle, "info", {})))]
+    numbered = row_number_cells(table, adapter)
+    for cell, number in numbered.items():
+        cells.append(cell)
+        kinds[table.columns[cell[1]]] = "numeric"
+        confidence[cell] = 1.0
+        for out in results:
+            out[cell] = number
     return Imputation(table, cells, results, kinds, confidence, calls, refused)
 
 
