@@ -250,3 +250,28 @@ def test_errors_from_dataloader_workers_are_one_line():
         wrapped.reraise()
     assert "\n" in str(exc.value)
     assert one_line(str(exc.value)) == "d/tab-000000.tar: record 'x': field 'a' holds ids outside 0..4"
+
+
+def test_the_digit_judges_of_the_quality_benchmark_tell_two_kinds_of_image_apart():
+    """The classifiers tools/bench_quality.py scores samples with: a bar across an 8x8 image or down it."""
+    bq = load_tool("bench_quality")
+    rng = np.random.default_rng(0)
+
+    def bars(n: int) -> tuple[np.ndarray, np.ndarray]:
+        images = rng.random((n, 8, 8)) * 0.3
+        labels = np.array(["across", "down"])[rng.integers(0, 2, n)]
+        at = rng.integers(1, 7, n)
+        for i, (label, k) in enumerate(zip(labels, at)):
+            if label == "across":
+                images[i, k, :] = 1.0
+            else:
+                images[i, :, k] = 1.0
+        return images.reshape(n, -1), labels
+
+    X, y = bars(300)
+    Xt, yt = bars(100)
+    for judge in (bq.cnn_judge(X, y, (8, 8, 1), seed=0, epochs=4), bq.logistic_judge(X, y, seed=0)):
+        pred, conf = judge(Xt)
+        assert (pred == yt).mean() > 0.95 and conf.shape == (100,) and ((conf >= 0.5) & (conf <= 1)).all()
+    flipped = bq.cnn_judge(X, np.where(y == "across", "down", "across"), (8, 8, 1), seed=0, epochs=4)
+    assert (flipped(Xt)[0] == yt).mean() < 0.05  # it learns the labels it is given, not a fixed answer

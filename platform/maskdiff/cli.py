@@ -106,7 +106,7 @@ def add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, metavar="BUNDLE", help="a bundle directory written by tools/train.py (runs/<name>/bundle, or the run directory)")
 
 
-def add_sampling(p: argparse.ArgumentParser, steps: int = 64, batch_size: int = 64) -> None:
+def add_sampling(p: argparse.ArgumentParser, steps: int = 64, batch_size: int = 64, top_p: float = 1.0) -> None:
     """Sampler options shared by every generating tool."""
     g = p.add_argument_group("sampling")
     g.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same output (default 0)")
@@ -115,7 +115,8 @@ def add_sampling(p: argparse.ArgumentParser, steps: int = 64, batch_size: int = 
                    help="ancestral: MD4 reverse step; genmd4: state-dependent step (GenMD4-trained modalities); topk: confidence-ordered unmasking")
     g.add_argument("--grid", default="cosine", choices=GRIDS, help="time grid of the reverse steps (default cosine)")
     g.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of each draw (default 1)")
-    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the smallest set of values with this much mass (default 1 = off)")
+    g.add_argument("--top-p", type=float, default=top_p,
+                   help=f"nucleus sampling: keep the smallest set of values with this much mass (default {top_p:g}{' = off' if top_p == 1 else ''})")
     g.add_argument("--confidence-noise", type=float, default=0.0, help="topk: Gumbel noise on the confidence, scaled by t (default 0)")
     g.add_argument("--batch-size", type=int, default=batch_size, help=f"records sampled together (default {batch_size})")
     g.add_argument("--device", default="cpu", help="torch device (default cpu)")
