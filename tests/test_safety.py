@@ -9,6 +9,7 @@ import pickle
 import shutil
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -245,3 +246,17 @@ def test_plots_skip_non_finite_points(tmp_path: Path) -> None:
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
     out = plot_metrics(tmp_path / "metrics.jsonl", tmp_path / "plots")
     assert [p.name for p in out] == ["text.png"]
+
+
+def test_reading_a_checkpoint_without_a_gpu_does_not_warn_about_a_missing_one(tmp_path: Path) -> None:
+    """A table fit's scorer reads checkpoints in a process that never trains: DeepSpeed, imported there
+    first, used to print '[WARNING] Setting accelerator to CPU ...' into every fit's output."""
+    torch.save({"w": torch.zeros(2)}, tmp_path / "state.pt")
+    code = (f"from maskdiff.training.checkpoints import safe_load; print(safe_load({str(tmp_path / 'state.pt')!r})['w'].tolist()); "
+            "import deepspeed.ops.op_builder")  # what unpickling DeepSpeed's own checkpoint files imports
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is there: DeepSpeed finds it")
+    child_env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=child_env, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "[0.0, 0.0]", done.stderr
+    assert "unable to detect" not in done.stderr and "Setting accelerator" not in done.stderr

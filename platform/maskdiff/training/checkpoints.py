@@ -43,6 +43,9 @@ def step_of(tag: str) -> int | None:
 
 def _allowed_globals() -> list[Any]:
     """DeepSpeed classes found in its optimizer state (plain data holders without custom unpickling)."""
+    from .distributed import choose_accelerator
+
+    choose_accelerator()  # a process that reads checkpoints without training (a table fit's scorer) imports DeepSpeed here
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address

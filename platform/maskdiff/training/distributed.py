@@ -26,13 +26,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def choose_accelerator() -> None:
+    """Before DeepSpeed is imported: without a GPU, tell it the CPU is meant (else it warns that it found none)."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 def init_distributed() -> tuple[int, int]:
     """(rank, world size); a launcher-less process becomes rank 0 of 1."""
     if "RANK" not in os.environ:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     os.environ.setdefault("LOCAL_RANK", "0")
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    choose_accelerator()
     import deepspeed
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
