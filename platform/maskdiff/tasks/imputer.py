@@ -12,7 +12,8 @@
 conventions (``get_params`` / ``set_params``, fitted attributes ending in
 ``_``), so it works inside a ``Pipeline`` and with ``clone``; scikit-learn
 itself is not required. Passed-through columns (free text, dates, empty
-columns) come back as they were.
+columns) come back as they were; a column of row numbers with its holes
+filled when it still counts up with the rows.
 """
 
 from __future__ import annotations
