@@ -321,6 +321,10 @@ class TabularAdapter(Adapter):
         assert self.columns is not None
         return "numeric" if isinstance(self.columns[column], NumericBins) else "categorical"
 
+    def row_number_columns(self) -> list[str]:
+        """The passed-through columns found to be row numbers when fitting (their holes can be filled exactly)."""
+        return [name for name, why in self.passthrough.items() if why.startswith(ROW_NUMBERS)]
+
     # --- persistence ----------------------------------------------------------------
     def _fitted_state(self, root_dir: str | Path | None) -> dict[str, Any]:
         if self.columns is None:
@@ -397,7 +401,7 @@ def _auto_bins(observed: int) -> int:
     return int(np.clip(round(math.sqrt(max(observed, 1))), 16, 64))
 
 
-ROW_NUMBERS = "row numbers"  # how a passed-through row-number column's reason starts
+ROW_NUMBERS = "row numbers"  # how a row-number column's reason for being passed through starts
 MIN_ROW_NUMBERS = 10  # observed cells it takes to call a column row numbers rather than a coincidence
 
 

@@ -45,7 +45,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from maskdiff.adapters import CategoryVocab, Reject
-from maskdiff.adapters.tabular import ROW_NUMBERS, row_number_offset
+from maskdiff.adapters.tabular import row_number_offset
 
 from maskdiff.core.batch import Batch, collate
 from maskdiff.bundle import adapter_of
@@ -107,8 +107,8 @@ def row_number_cells(table: Table, adapter) -> dict[Cell, int]:
     """The missing cells of the columns the adapter passed through as row numbers, each its row's
     number, when the observed cells of ``table`` still count up with the rows (else none)."""
     out: dict[Cell, int] = {}
-    for name, why in getattr(adapter, "passthrough", {}).items():
-        if not why.startswith(ROW_NUMBERS) or name not in table.columns:
+    for name in adapter.row_number_columns():
+        if name not in table.columns:
             continue
         c = table.columns.index(name)
         offset = row_number_offset([row[c] for row in table.values])
