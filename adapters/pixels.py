@@ -46,6 +46,10 @@ VALUE, LABEL = "pixels/value", "pixels/label"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 FOLDER_SUFFIXES = IMAGE_SUFFIXES + (".npy", ".npz", "ubyte", "ubyte.gz", ".idx", ".idx.gz")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# intensities on a standardised number line (the spread of 0..255 is 73.9): the model embeds each
+# value's place beside its token, in and out, so that neighbouring intensities start out alike and
+# the rare ones in between are not learned as 254 unrelated symbols
+INTENSITY_COORDS = tuple(((np.arange(256) - 127.5) / float(np.arange(256).std())).tolist())
 IMAGE_KEYS, LABEL_KEYS = ("images", "x", "x_train", "data"), ("labels", "y", "y_train")
 
 
@@ -68,6 +72,7 @@ class PixelsAdapter(Adapter):
         self.size = _parse_size(size) if size else None
         self.shape: tuple[int, int, int] | None = None
         self.labels: CategoryVocab | None = None
+        self.number_line = True  # intensities carry INTENSITY_COORDS; False for shards and bundles written before
         self._fitted = False
 
     # --- reading ------------------------------------------------------------------
@@ -172,19 +177,21 @@ class PixelsAdapter(Adapter):
         return out
 
     def supports(self) -> list[Support]:
-        sup = [Support(VALUE, "pixels", 256)]
+        sup = [Support(VALUE, "pixels", 256, INTENSITY_COORDS if self.number_line else None)]
         if self.labels is not None:
             sup.append(Support(LABEL, "pixels", self.labels.size))
         return sup
 
     # --- persistence ----------------------------------------------------------------
     def _fitted_state(self, root_dir: str | Path | None) -> dict[str, Any]:
-        return {"shape": list(self.shape) if self.shape else None, "labels": self.labels.to_dict() if self.labels else None}
+        return {"shape": list(self.shape) if self.shape else None, "labels": self.labels.to_dict() if self.labels else None,
+                "number_line": self.number_line}
 
     def _load_fitted(self, fitted: dict[str, Any], root_dir: Path | None) -> None:
         if fitted.get("shape"):
             self.shape = tuple(fitted["shape"])  # type: ignore[assignment]
             self.labels = CategoryVocab.from_dict(fitted["labels"]) if fitted.get("labels") else None
+            self.number_line = bool(fitted.get("number_line", False))
             self._fitted = True
 
     def describe(self) -> dict[str, Any]:

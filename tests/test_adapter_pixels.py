@@ -46,6 +46,18 @@ def test_png_folder_labels_from_subfolders_and_state():
     assert [s.name for s in none.supports()] == ["pixels/value"]
 
 
+def test_intensities_lie_on_a_number_line_and_older_states_keep_their_layout():
+    root = mnist_png_folder(scratch("number-line"), n=12)
+    adapter, _, _ = read_all("pixels", [root])
+    coords = np.array(adapter.supports()[0].coords)
+    assert coords.shape == (256,) and np.all(np.diff(coords) > 0)  # ordered like the intensities, evenly spaced
+    assert np.allclose(np.diff(coords), coords[1] - coords[0]) and abs(coords.mean()) < 1e-9 and abs(coords.std() - 1) < 1e-9
+    assert adapter_from_state(adapter.state()).supports() == adapter.supports()
+    older = adapter.state()
+    del older["fitted"]["number_line"]  # shards and bundles written before intensities had coordinates
+    assert adapter_from_state(older).supports()[0].coords is None
+
+
 def test_rgb_arrays_npy_npz_and_labels_file():
     root = scratch("arrays")
     images, labels = mnist_arrays(12)
