@@ -197,7 +197,7 @@ class Denoiser(nn.Module):
         self.blocks = nn.ModuleList(Block(c) for _ in range(c.depth))
         self.norm = RMSNorm(c.dim)
         self.head = nn.Linear(c.dim, spec.num_clean, bias=False)
-        # Values with a place on a number line (numeric bins) also get an embedding of it, in and
+        # Values with a place on a number line (numeric bins, intensities) also get an embedding of it, in and
         # out: features of the coordinate, projected to the width (see coordinate_features).
         feats = coordinate_features(spec)
         self.coord_in = self.coord_out = None

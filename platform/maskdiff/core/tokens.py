@@ -57,8 +57,8 @@ class Support:
     name: str
     modality: str
     size: int
-    # where each value lies on a number line (a numeric column's bins: each bin's mean,
-    # standardised), or None; the model embeds it beside the token, so that neighbouring
+    # where each value lies on a number line, standardised (a numeric column's bins: each bin's
+    # mean; pixel intensities), or None; the model embeds it beside the token, so that neighbouring
     # values start out alike. Metadata: the id layout (and the fingerprint) ignore it.
     coords: tuple[float, ...] | None = None
 
