@@ -38,7 +38,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
-from maskdiff.core.tokens import Field, Record, Support
+from maskdiff.core.tokens import Field, Record, Support, number_line
 
 from .base import Adapter, CategoryVocab, InputError, Option, RawItem, Reject, Rejected, expand_inputs, open_binary, options_from
 
@@ -46,10 +46,10 @@ VALUE, LABEL = "pixels/value", "pixels/label"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 FOLDER_SUFFIXES = IMAGE_SUFFIXES + (".npy", ".npz", "ubyte", "ubyte.gz", ".idx", ".idx.gz")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-# intensities on a standardised number line (the spread of 0..255 is 73.9): the model embeds each
-# value's place beside its token, in and out, so that neighbouring intensities start out alike and
-# the rare ones in between are not learned as 254 unrelated symbols
-INTENSITY_COORDS = tuple(((np.arange(256) - 127.5) / float(np.arange(256).std())).tolist())
+# intensities on a standardised number line: the model embeds each value's place beside its token,
+# in and out, so that neighbouring intensities start out alike and the rare ones in between are not
+# learned as 254 unrelated symbols
+INTENSITY_COORDS = number_line(range(256))
 IMAGE_KEYS, LABEL_KEYS = ("images", "x", "x_train", "data"), ("labels", "y", "y_train")
 
 

@@ -62,7 +62,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from maskdiff.core.tokens import MISSING, Field, Record, Support
+from maskdiff.core.tokens import MISSING, Field, Record, Support, number_line
 
 from .base import Adapter, CategoryVocab, InputError, Option, RawItem, Reject, Rejected, expand_inputs, open_binary, options_from
 
@@ -116,8 +116,7 @@ class NumericBins:
 
     def coordinates(self) -> tuple[float, ...]:
         """Each bin's mean on a standardised number line (the spread of the bin means; 0 when one bin)."""
-        spread = float(self.means.std())
-        return tuple(((self.means - self.means.mean()) / spread).tolist()) if spread > 0 else (0.0,) * self.size
+        return number_line(self.means)
 
     def encode(self, x: float) -> int:
         return int(np.searchsorted(self.edges[1:-1], x, side="right"))

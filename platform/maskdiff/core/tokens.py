@@ -46,6 +46,13 @@ def source_key(modality: str, dataset: str | None = None) -> str:
     return f"{modality}/{dataset}" if dataset else modality
 
 
+def number_line(values: Iterable[float]) -> tuple[float, ...]:
+    """``values`` standardised (mean 0, spread 1; all 0 when they do not spread): the ``coords`` of a support."""
+    v = np.asarray(list(values), dtype=np.float64)
+    spread = float(v.std())
+    return tuple(((v - v.mean()) / spread).tolist()) if spread > 0 else (0.0,) * v.size
+
+
 class VocabMismatchError(ValueError):
     """A saved vocabulary spec does not describe the token space in use."""
 
