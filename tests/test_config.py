@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from training_support import ROOT, TINY, run_train, tiny_args, tiny_shard_root
 
+from maskdiff.bundle import load_bundle
 from maskdiff.config import ConfigError, load_config, to_run_config
 from maskdiff.data.loader import ensure_shards, open_sources
 
@@ -118,8 +119,11 @@ def test_cli_refuses_existing_run_dir(tmp_path: Path) -> None:
 def test_condition_dropout_trains_and_unknown_fields_are_refused(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
     shards = tiny_shard_root(tmp_path_factory)
     drop = ["train.steps=3", "train.eval_every=3", "train.checkpoint_every=3", "train.condition_dropout=0.5"]
-    res = run_train(tiny_args(shards, tmp_path / "ok", *drop, "train.condition_fields=[tabular/col:species]"), check=False)
+    res = run_train(tiny_args(shards, tmp_path / "ok", *drop, "train.condition_fields=[tabular/col:species]",
+                              "model.condition_modulation=true"), check=False)
     assert res.returncode == 0, res.stderr[-2000:]
+    denoiser = load_bundle(tmp_path / "ok").denoiser  # the condition also modulates every block, and reloads so
+    assert denoiser.cfg.condition_fields == ("tabular/col:species",) and all(b.ada is not None for b in denoiser.blocks)
     res = run_train(tiny_args(shards, tmp_path / "bad", *drop, "train.condition_fields=[tabular/col:colour]"), check=False)
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "train.condition_fields: no field support 'tabular/col:colour'" in res.stderr

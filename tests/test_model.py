@@ -118,3 +118,35 @@ def test_numeric_coordinates_are_embedded_in_and_out_and_kept_by_the_spec(tmp_pa
     where[0, 6] = True
     (g,) = model.support_logits(batch.tokens, batch, None, where)
     torch.testing.assert_close(torch.log_softmax(g.logits, -1)[0], out[0, 6, x.start : x.stop], rtol=1e-5, atol=1e-5)
+
+
+def test_a_condition_field_modulates_every_block_of_its_record():
+    """With attention cut (no position sees another), the text of record 0 still follows its col:x token,
+    which reaches it through adaLN only; record 1 has no condition and gets zero."""
+    torch.manual_seed(0)
+    model = Denoiser(SPEC, DenoiserConfig(dim=32, depth=2, heads=2, condition_fields=("tabular/col:x",))).eval()
+    plain = Denoiser(SPEC, CFG).eval()
+    with torch.no_grad():
+        for m in (model, plain):
+            for block in m.blocks:
+                block.attn.out.weight.zero_()
+                if block.ada is not None:  # zero-initialised: the condition is ignored at the start
+                    assert not block.ada.weight.any()
+                    block.ada.weight.normal_(std=0.2)
+    batch = collate(records(), SPEC)
+    with torch.no_grad():
+        cond = model.condition_embedding(batch.tokens, batch, torch.float32)
+        label = batch.tokens[0, 6]
+        torch.testing.assert_close(cond[0], model.condition_norm(model.token_emb.weight[label]))
+        torch.testing.assert_close(cond[1], torch.zeros(32))
+        other = batch.tokens.clone()
+        other[0, 6] = label + 1
+        dropped = batch.tokens.clone()
+        dropped[0, 6] = SPEC.mask_id  # a dropped condition: the unconditional model's embedding
+        torch.testing.assert_close(model.condition_embedding(dropped, batch, torch.float32)[0], model.condition_norm(model.token_emb.weight[SPEC.mask_id]))
+        for m, follows in ((model, True), (plain, False)):
+            a, b = m(batch.tokens, batch, None), m(other, batch, None)
+            assert (not torch.allclose(a[0, :6], b[0, :6])) is follows
+            torch.testing.assert_close(a[1], b[1])  # another record never sees it
+    with pytest.raises(ValueError, match="not supports"):
+        Denoiser(SPEC, DenoiserConfig(dim=32, depth=2, heads=2, condition_fields=("tabular/col:nope",)))

@@ -63,10 +63,11 @@ def per_record(values: torch.Tensor, batch: Batch) -> torch.Tensor:
     return torch.stack([values[record_positions_of(batch, r)].sum() for r in range(batch.num_records)])
 
 
-def denoiser(time_conditioning: bool) -> Denoiser:
+def denoiser(time_conditioning: bool, condition_fields: tuple[str, ...] = ()) -> Denoiser:
     torch.manual_seed(0)
-    model = Denoiser(SPEC, DenoiserConfig(dim=32, depth=2, heads=2, time_conditioning=time_conditioning)).eval()
-    if time_conditioning:  # adaLN starts at zero (t ignored): make t matter
+    cfg = DenoiserConfig(dim=32, depth=2, heads=2, time_conditioning=time_conditioning, condition_fields=condition_fields)
+    model = Denoiser(SPEC, cfg).eval()
+    if time_conditioning or condition_fields:  # adaLN starts at zero (t and conditions ignored): make them matter
         with torch.no_grad():
             for block in model.blocks:
                 block.ada.weight.normal_(std=0.2)
@@ -96,10 +97,10 @@ def test_layout(batches):
         assert packed.record_positions[record_positions_of(packed, r)].tolist() == list(range(n))
 
 
-@pytest.mark.parametrize("time_conditioning", [False, True])
-def test_outputs_per_record_do_not_depend_on_packing(batches, time_conditioning):
+@pytest.mark.parametrize("time_conditioning, condition_fields", [(False, ()), (True, ()), (False, ("tabular/col:y",)), (True, ("tabular/col:y",))])
+def test_outputs_per_record_do_not_depend_on_packing(batches, time_conditioning, condition_fields):
     unpacked, packed = batches
-    model = denoiser(time_conditioning)
+    model = denoiser(time_conditioning, condition_fields)
     t = TIMES if time_conditioning else None
     with torch.no_grad():
         a, b = model(unpacked.tokens, unpacked, t), model(packed.tokens, packed, t)

@@ -84,6 +84,9 @@ class ModelConfig:
     mlp_ratio: float = 8 / 3
     dropout: float = 0.0
     time_conditioning: Optional[bool] = None  # null = on exactly when a schedule is genmd4
+    # train.condition_fields also modulate every block of their record (adaLN from the field's
+    # token), not only through attention: a stronger pathway for a label to steer a whole image
+    condition_modulation: bool = False
 
 
 @dataclass

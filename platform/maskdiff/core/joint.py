@@ -35,7 +35,9 @@ class JointModel(nn.Module):
         super().__init__()
         m = rc.model
         self.spec, self.draws = spec, rc.draws
-        self.denoiser = Denoiser(spec, DenoiserConfig(m.dim, m.depth, m.heads, m.mlp_ratio, m.dropout, rc.time_conditioning))
+        conditions = tuple(rc.train.condition_fields) if m.condition_modulation else ()
+        self.denoiser = Denoiser(spec, DenoiserConfig(m.dim, m.depth, m.heads, m.mlp_ratio, m.dropout, rc.time_conditioning,
+                                                      condition_fields=conditions))
         schedules = {}
         for mod in rc.modalities:
             s = rc.schedules[mod]

@@ -4,6 +4,10 @@ Input embedding = token + field (support) + modality. Blocks are pre-norm
 (RMSNorm), attention with rotary position embeddings over the sequence index,
 SwiGLU MLPs. With ``time_conditioning`` (needed by GenMD4, whose optimal
 denoiser depends on t) each block is modulated by adaLN from an embedding of t.
+Fields named in ``condition_fields`` (a digit's label) modulate every block of
+their record the same way, from their token's embedding (a masked, i.e. dropped,
+condition gives the mask's embedding: the unconditional model), so the
+condition reaches every position directly rather than only through attention.
 A packed batch (several records per row, :class:`~maskdiff.core.batch.Batch`) is
 the same computation per record: attention is block-diagonal over segments
 (a record never sees another one, nor padding), rotary positions restart at
@@ -39,6 +43,7 @@ class DenoiserConfig:
     dropout: float = 0.0
     time_conditioning: bool = False
     rope_base: float = 10000.0
+    condition_fields: tuple[str, ...] = ()  # support names whose tokens also modulate every block (adaLN)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -109,7 +114,7 @@ class Block(nn.Module):
         self.norm1, self.norm2 = RMSNorm(cfg.dim), RMSNorm(cfg.dim)
         self.attn, self.mlp = Attention(cfg), SwiGLU(cfg)
         # adaLN: shift/scale/gate for both sublayers from the time embedding, zero-init (identity at start)
-        self.ada = nn.Linear(cfg.dim, 6 * cfg.dim) if cfg.time_conditioning else None
+        self.ada = nn.Linear(cfg.dim, 6 * cfg.dim) if cfg.time_conditioning or cfg.condition_fields else None
         # added to ada's output: (shift, 1 + scale, 1 + gate) x 2, so the ones are added per record, not per token
         self.register_buffer("ada_offset", torch.tensor([0.0, 1.0, 1.0, 0.0, 1.0, 1.0]).repeat_interleave(cfg.dim), persistent=False)
 
@@ -120,8 +125,8 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attn_mask: Tensor | None, temb: Tensor | None,
                 segment_ids: Tensor | None = None) -> Tensor:
-        """``temb`` (records, dim): one time embedding per record; ``segment_ids`` (B, L) spreads it over
-        each record's tokens (None: record b is row b)."""
+        """``temb`` (records, dim): one time (and condition) embedding per record; ``segment_ids`` (B, L)
+        spreads it over each record's tokens (None: record b is row b)."""
         if self.ada is None or temb is None:
             x = x + self.attn(self.norm1(x), cos, sin, attn_mask)
             return x + self.mlp(self.norm2(x))
@@ -194,6 +199,13 @@ class Denoiser(nn.Module):
         self.field_emb = nn.Embedding(len(spec.supports), c.dim)
         self.modality_emb = nn.Embedding(spec.modality_rows, c.dim)
         self.time_emb = TimeEmbedding(c.dim) if c.time_conditioning else None
+        self.condition_norm = None
+        if c.condition_fields:
+            missing = [name for name in c.condition_fields if not spec.named(name)]
+            if missing:
+                raise ValueError(f"condition fields {missing} are not supports of this vocabulary")
+            self.register_buffer("condition_ids", torch.tensor(spec.named_ids(c.condition_fields)), persistent=False)
+            self.condition_norm = RMSNorm(c.dim)
         self.blocks = nn.ModuleList(Block(c) for _ in range(c.depth))
         self.norm = RMSNorm(c.dim)
         self.head = nn.Linear(c.dim, spec.num_clean, bias=False)
@@ -248,9 +260,21 @@ class Denoiser(nn.Module):
             cos, sin = cos[batch.record_positions].unsqueeze(2).unsqueeze(2), sin[batch.record_positions].unsqueeze(2).unsqueeze(2)
         attn_mask = attention_mask(batch)
         temb = self.time_emb(t) if self.time_emb is not None else None
+        if self.condition_norm is not None:
+            cond = self.condition_embedding(x_t, batch, h.dtype)
+            temb = cond if temb is None else temb + cond
         for block in self.blocks:
             h = block(h, cos, sin, attn_mask, temb, batch.segment_ids)
         return self.norm(h)
+
+    def condition_embedding(self, x_t: Tensor, batch: Batch, dtype: torch.dtype) -> Tensor:
+        """(records, dim): the condition fields' token embeddings (the mask's when dropped), summed per record
+        and RMS-normalised (unit scale, so the zero-initialised adaLN learns at once); zero for a record
+        without condition fields."""
+        where = torch.isin(batch.support_ids, self.condition_ids) & ~batch.pad
+        emb = self.token_emb(x_t[where]).to(dtype)
+        summed = torch.zeros(batch.num_records, self.cfg.dim, dtype=dtype, device=x_t.device)
+        return self.condition_norm(summed.index_add(0, batch.record_ids()[where], emb))
 
     def forward(self, x_t: Tensor, batch: Batch, t: Tensor | None = None) -> Tensor:
         """Dense log-probabilities (B, L, num_clean), -inf outside each position's support."""

@@ -32,7 +32,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
@@ -166,6 +166,10 @@ class VocabSpec:
         modality, _, local = name.partition("/")
         return [s.name for s in self.supports if s.modality == modality and s.name.startswith(f"{modality}/")
                 and s.name[len(modality) + 1:].partition("/")[2] == local]
+
+    def named_ids(self, names: Sequence[str]) -> list[int]:
+        """Support ids of every support the names stand for (:meth:`named`), in order."""
+        return [self.support_id(s) for name in names for s in self.named(name)]
 
     def modality_id(self, modality: str) -> int:
         return modalities.modality_id(modality)

@@ -158,7 +158,7 @@ class Trainer:
         for name in self.rc.train.condition_fields:
             if not self.spec.named(name):
                 raise ConfigError(f"train.condition_fields: no field support {name!r} in the data; known: {', '.join(sorted(self.spec.index))}")
-        return [self.spec.support_id(s) for name in self.rc.train.condition_fields for s in self.spec.named(name)]
+        return self.spec.named_ids(self.rc.train.condition_fields)
 
     def _train_step(self, it: Iterator[Batch], tally: Tally) -> bool:
         """One optimizer step; False when it was skipped for a non-finite loss or gradient (on any rank)."""
