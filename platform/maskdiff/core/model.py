@@ -113,7 +113,7 @@ class Block(nn.Module):
         super().__init__()
         self.norm1, self.norm2 = RMSNorm(cfg.dim), RMSNorm(cfg.dim)
         self.attn, self.mlp = Attention(cfg), SwiGLU(cfg)
-        # adaLN: shift/scale/gate for both sublayers from the time embedding, zero-init (identity at start)
+        # adaLN: shift/scale/gate for both sublayers from the time and/or condition embedding, zero-init (identity at start)
         self.ada = nn.Linear(cfg.dim, 6 * cfg.dim) if cfg.time_conditioning or cfg.condition_fields else None
         # added to ada's output: (shift, 1 + scale, 1 + gate) x 2, so the ones are added per record, not per token
         self.register_buffer("ada_offset", torch.tensor([0.0, 1.0, 1.0, 0.0, 1.0, 1.0]).repeat_interleave(cfg.dim), persistent=False)
