@@ -156,6 +156,11 @@ class Adapter(ABC):
     def _load_fitted(self, fitted: dict[str, Any], root_dir: Path | None) -> None:
         pass
 
+    def notes(self) -> list[str]:
+        """What a user training on shards with this state should know (e.g. they were written by an older version
+        that encoded less); printed when a run opens them. Nothing by default."""
+        return []
+
     def fingerprint(self) -> str:
         """A short hash of the supports and fitted state: equal fingerprints encode and decode alike."""
         content = {"supports": [[s.name, s.size] for s in self.supports()], "fitted": self._fitted_state(None)}

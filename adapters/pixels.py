@@ -194,6 +194,12 @@ class PixelsAdapter(Adapter):
             self.number_line = bool(fitted.get("number_line", False))
             self._fitted = True
 
+    def notes(self) -> list[str]:
+        if self.number_line:
+            return []
+        return [f"{self.key} shards were written before intensities had a place on a number line: they are learned as 256 "
+                "unrelated symbols, which follows a label less well; rebuild them (tools/shard.py --overwrite) to use it"]
+
     def describe(self) -> dict[str, Any]:
         d = super().describe()
         d["shape"] = list(self.shape) if self.shape else None

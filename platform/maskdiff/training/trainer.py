@@ -90,6 +90,8 @@ class Trainer:
                 lambda: open_sources(self.rc, self.rank, self.world, shuffle_buffer=d.shuffle_buffer, seed=self.rc.seed, repeat=True),
                 self.world)
             self._check_same_spec(self.spec)
+            for note in sorted({n for s in self.sets.values() for a in s.adapters.values() for n in a.notes()}):
+                self.log(f"note: {note}")
             if not resume:
                 on_rank_zero(self._start_fresh, self.rank, self.world)
         except BaseException:
