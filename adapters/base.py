@@ -299,6 +299,21 @@ def _check_file(p: Path) -> Path:
     return p
 
 
+# delimiters a CSV file is often written with instead of the one asked for (spreadsheets in many locales write ';')
+OTHER_DELIMITERS = {";": "';'", "\t": "$'\\t'", "|": "'|'"}
+
+
+def delimiter_hint(header: Sequence[str], delimiter: str) -> str | None:
+    """For a header read as a single column that holds another common delimiter: what to pass instead, else None."""
+    if len(header) != 1:
+        return None
+    for other, shown in OTHER_DELIMITERS.items():
+        if other != delimiter and other in header[0]:
+            return (f"the header reads as one column ({header[0][:60]!r}): if its fields are separated by {other!r}, "
+                    f"pass --delimiter {shown}")
+    return None
+
+
 def is_gzip(path: Path) -> bool:
     with open(path, "rb") as f:
         return f.read(2) == b"\x1f\x8b"

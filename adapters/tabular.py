@@ -64,7 +64,7 @@ import pyarrow.parquet as pq
 
 from maskdiff.core.tokens import MISSING, Field, Record, Support, number_line
 
-from .base import Adapter, CategoryVocab, InputError, Option, RawItem, Reject, Rejected, expand_inputs, open_binary, options_from
+from .base import Adapter, CategoryVocab, InputError, Option, RawItem, Reject, Rejected, delimiter_hint, expand_inputs, open_binary, options_from
 
 DEFAULT_NA = "NA,N/A,?,NaN,null,NULL"
 NEWLINE = b"\n"
@@ -222,6 +222,8 @@ class TabularAdapter(Adapter):
             with open_binary(path) as f, pacsv.open_csv(f, parse_options=pacsv.ParseOptions(delimiter=self.options["delimiter"],
                                                                                         invalid_row_handler=lambda r: "skip")) as reader:
                 names = reader.schema.names
+            if hint := delimiter_hint(names, self.options["delimiter"]):
+                raise InputError(f"{path}: {hint}")
             self._check_columns(path, names)
             convert = pacsv.ConvertOptions(column_types={n: pa.string() for n in names}, null_values=nulls, strings_can_be_null=True, quoted_strings_can_be_null=True)
             with open_binary(path) as f:
@@ -419,6 +421,7 @@ def row_number_offset(cells: Sequence[Any]) -> int | None:
 
 
 ISO_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}([ T]\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}:?\d{2})?)?$")
+DECIMAL_COMMA = re.compile(r"^[+-]?\d+,\d+$")  # 0,665: a number as spreadsheets write it in many locales
 
 
 def _not_learnable(cells: list[Any], free_text: int) -> str | None:
@@ -429,7 +432,11 @@ def _not_learnable(cells: list[Any], free_text: int) -> str | None:
     counts = Counter(texts)
     once = sum(1 for n in counts.values() if n == 1)
     if len(counts) > free_text and once > len(counts) / 2:
-        return f"free text or identifiers: {len(counts)} distinct values in {len(texts)} cells, {once} seen once"
+        why = f"free text or identifiers: {len(counts)} distinct values in {len(texts)} cells, {once} seen once"
+        commas = [t for t in texts if DECIMAL_COMMA.match(t)]
+        if commas and all(DECIMAL_COMMA.match(t) or as_number(t) is not None for t in texts):
+            why += f"; they read as numbers written with a decimal comma ({commas[0]!r}): write them with '.' to learn them as numbers"
+        return why
     return None
 
 

@@ -102,6 +102,11 @@ def test_ragged_rows_rejected_with_line_numbers_and_bad_cells():
     (root / "header.csv").write_text(lines[0] + "\n")
     with pytest.raises(InputError, match="header but no data rows"):
         list(TabularAdapter().read([root / "header.csv"]))
+    (root / "tabs.tsv").write_text("a\tb\n1\t2\n")
+    with pytest.raises(InputError) as refused:
+        list(TabularAdapter().read([root / "tabs.tsv"]))
+    assert str(refused.value).endswith("tabs.tsv: the header reads as one column ('a\\tb'): if its fields are separated by '\\t', pass --delimiter $'\\t'")
+    assert len(list(TabularAdapter(delimiter="\t").read([root / "tabs.tsv"]))) == 1
     (root / "other.csv").write_text("a,b\n1,2\n")
     with pytest.raises(InputError, match="other.csv: columns"):
         list(TabularAdapter().read([root / "ragged.csv", root / "other.csv"]))

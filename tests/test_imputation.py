@@ -145,14 +145,22 @@ def test_fit_path_refuses_bad_tables_with_one_line(capsys):
     (tmp / "ragged.csv").write_text("a,b\n1,\n1,2,3\n")
     code, _, err = run_tool(capsys, "impute", "--input", tmp / "ragged.csv", "--output", tmp / "g.csv")
     assert code == 2 and "line 3 has 3 cells" in err
+    (tmp / "semicolons.csv").write_text("a;b\n1,5;\n2,5;3\n")  # a spreadsheet's CSV in a locale with decimal commas
+    code, _, err = run_tool(capsys, "impute", "--input", tmp / "semicolons.csv", "--output", tmp / "s.csv")
+    assert code == 2 and "pass --delimiter ';'" in err and len(err.strip().splitlines()) == 1 and not (tmp / "s.csv").exists()
+    code, _, err = run_tool(capsys, "impute", "--input", tmp / "semicolons.csv", "--output", tmp / "s.csv", "--delimiter", ";")
+    assert "--delimiter" not in err and "at least 30 are needed" in err  # two columns now; too few rows to learn from
 
 
 def test_free_text_dates_and_empty_columns_are_passed_through():
-    rows = [{"name": f"person {i}", "day": f"2024-01-{i % 28 + 1:02d}", "empty": None, "kind": "xy"[i % 2], "n": str(i % 7)} for i in range(300)]
+    rows = [{"name": f"person {i}", "day": f"2024-01-{i % 28 + 1:02d}", "empty": None, "kind": "xy"[i % 2], "n": str(i % 7),
+             "comma": "12" if i == 0 else f"{i // 10},{i % 10}"} for i in range(300)]
     adapter = TabularAdapter()
     adapter.fit(rows)
     assert list(adapter.columns) == ["kind", "n"]
-    assert set(adapter.passthrough) == {"name", "day", "empty"} and "free text" in adapter.passthrough["name"]
+    assert set(adapter.passthrough) == {"name", "day", "empty", "comma"} and "free text" in adapter.passthrough["name"]
+    assert "decimal comma" not in adapter.passthrough["name"]  # numbers written 2,5 are named as such, with the way out
+    assert adapter.passthrough["comma"].endswith("they read as numbers written with a decimal comma ('0,1'): write them with '.' to learn them as numbers")
     assert adapter.passthrough["day"] == "dates"
     again = TabularAdapter.from_state(adapter.state())
     assert again.passthrough == adapter.passthrough and list(again.columns) == ["kind", "n"]

@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from maskdiff.adapters.base import delimiter_hint
 from maskdiff.errors import UserError
 from maskdiff.files import atomic_path
 
@@ -108,6 +109,8 @@ def read_table(path: str | Path, delimiter: str = ",", na_values: Sequence[str] 
         raise UserError(f"{path}: empty CSV file (no header)")
     header = [unquote(c) for c in raw[0][0]]
     header[0] = header[0].lstrip("\ufeff")
+    if hint := delimiter_hint(header, delimiter):
+        raise UserError(f"{path}: {hint}")
     if raw[-1][0] == [""] and raw[-1][1] == "":
         raw.pop()
     missing = {""} | set(na_values)
