@@ -421,7 +421,7 @@ def row_number_offset(cells: Sequence[Any]) -> int | None:
 
 
 ISO_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}([ T]\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}:?\d{2})?)?$")
-DECIMAL_COMMA = re.compile(r"^[+-]?\d+,\d+$")  # 0,665: a number as spreadsheets write it in many locales
+NUMBER_WITH_COMMAS = re.compile(r"^[+-]?\d+(,\d+)+$")  # 0,665 (a decimal comma) or 1,234,567 (thousands)
 
 
 def _not_learnable(cells: list[Any], free_text: int) -> str | None:
@@ -433,9 +433,10 @@ def _not_learnable(cells: list[Any], free_text: int) -> str | None:
     once = sum(1 for n in counts.values() if n == 1)
     if len(counts) > free_text and once > len(counts) / 2:
         why = f"free text or identifiers: {len(counts)} distinct values in {len(texts)} cells, {once} seen once"
-        commas = [t for t in texts if DECIMAL_COMMA.match(t)]
-        if commas and all(DECIMAL_COMMA.match(t) or as_number(t) is not None for t in texts):
-            why += f"; they read as numbers written with a decimal comma ({commas[0]!r}): write them with '.' to learn them as numbers"
+        commas = [t for t in texts if NUMBER_WITH_COMMAS.match(t)]
+        if commas and all(NUMBER_WITH_COMMAS.match(t) or as_number(t) is not None for t in texts):
+            why += (f"; they read as numbers written with commas ({commas[0]!r}: a decimal comma or a thousands separator): "
+                    "write them plainly (0.665, 1234) to learn them as numbers")
         return why
     return None
 

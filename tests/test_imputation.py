@@ -154,13 +154,14 @@ def test_fit_path_refuses_bad_tables_with_one_line(capsys):
 
 def test_free_text_dates_and_empty_columns_are_passed_through():
     rows = [{"name": f"person {i}", "day": f"2024-01-{i % 28 + 1:02d}", "empty": None, "kind": "xy"[i % 2], "n": str(i % 7),
-             "comma": "12" if i == 0 else f"{i // 10},{i % 10}"} for i in range(300)]
+             "comma": "12" if i == 0 else f"{i // 10},{i % 10}" if i < 200 else f"{i // 100},{i % 100:03d}"} for i in range(300)]
     adapter = TabularAdapter()
     adapter.fit(rows)
     assert list(adapter.columns) == ["kind", "n"]
     assert set(adapter.passthrough) == {"name", "day", "empty", "comma"} and "free text" in adapter.passthrough["name"]
-    assert "decimal comma" not in adapter.passthrough["name"]  # numbers written 2,5 are named as such, with the way out
-    assert adapter.passthrough["comma"].endswith("they read as numbers written with a decimal comma ('0,1'): write them with '.' to learn them as numbers")
+    assert "commas" not in adapter.passthrough["name"]  # numbers written 2,5 or 1,234 are named as such, with the way out
+    assert adapter.passthrough["comma"].endswith("they read as numbers written with commas ('0,1': a decimal comma or a thousands "
+                                                 "separator): write them plainly (0.665, 1234) to learn them as numbers")
     assert adapter.passthrough["day"] == "dates"
     again = TabularAdapter.from_state(adapter.state())
     assert again.passthrough == adapter.passthrough and list(again.columns) == ["kind", "n"]
