@@ -59,3 +59,19 @@ def test_load_returns_a_bundle():
 
     bundle = maskdiff.load(tiny_bundle())
     assert isinstance(bundle, Bundle) and bundle.spec.vocab_size > 0 and set(bundle.adapters)
+
+
+@pytest.mark.parametrize("entry", ["tool", "command"])
+def test_training_sets_a_short_openmp_spin_before_torch_loads_unless_a_wait_policy_is_set(entry):
+    """The training entry points shorten libgomp's spin (GOMP_SPINCOUNT) before torch starts OpenMP, so a run does
+    not collapse beside another busy process; an OMP_WAIT_POLICY the user chose is left to decide alone."""
+    import os
+
+    probe = ("import os, runpy, sys; sys.argv = ['train', '--help']; "
+             + ("runpy.run_path('tools/train.py', run_name='probe'); " if entry == "tool" else "import maskdiff.commands.train; ")
+             + "print(os.environ.get('GOMP_SPINCOUNT'))")
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    for policy, expected in ((None, "1000"), ("PASSIVE", "None")):
+        run_env = env if policy is None else {**env, "OMP_WAIT_POLICY": policy}
+        proc = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=300, env=run_env)
+        assert proc.returncode == 0 and proc.stdout.split() == [expected], proc.stderr

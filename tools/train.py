@@ -4,9 +4,13 @@
 The same as ``maskdiff train``; the code is maskdiff.commands.train.
 """
 
+import os
 import sys
 
-from maskdiff.commands.train import main
+if "OMP_WAIT_POLICY" not in os.environ:  # before torch loads: see ENVIRONMENT in maskdiff.commands.train
+    os.environ.setdefault("GOMP_SPINCOUNT", "1000")
+
+from maskdiff.commands.train import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())
