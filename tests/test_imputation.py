@@ -266,7 +266,7 @@ def test_calibration_shrinks_an_overconfident_guess_to_the_least_squares_weight_
     d = np.array([guesses[(r, 0)] - mu for r in range(200)])
     expected = float(d @ (y - mu) / (d @ d))  # least squares, computed here from its definition
     assert cal["x"].mean == pytest.approx(mu) and 0.3 < expected < 0.6 and cal["x"].shrink == pytest.approx(expected, abs=1e-6)
-    fixed = calibrated(guesses, truth.columns, from_info({"imputation_calibration": to_json(cal)}))
+    fixed = calibrated(guesses, truth.columns, from_info({"imputation_calibration": to_json(cal)}), {r: {} for r in range(200)})
     err = lambda g: np.sqrt(np.mean([(g[(r, 0)] - y[r]) ** 2 for r in range(200)]))  # noqa: E731
     assert err(fixed) < err(guesses) and err(fixed) <= cal["x"].baseline + 1e-9
     assert cal["k"].mode == "a" and all(fixed[(r, 1)] == "a" for r in range(200))
@@ -276,8 +276,90 @@ def test_calibration_shrinks_an_overconfident_guess_to_the_least_squares_weight_
     assert cal["x"].shrink == 1.0 and cal["k"].mode is None
 
 
+def test_calibration_takes_the_regressions_guess_where_it_is_right_and_stores_it_in_the_bundle():
+    """y = 2 x1 - x2 (+3 where k is b): the model's guesses are noise, the regression on the completed rows is exact."""
+    from maskdiff.tasks.imputation_calibration import calibrated, fit_calibration, from_info, to_json
+
+    rng = np.random.default_rng(0)
+    n = 300
+    x1, x2, k = rng.normal(0, 1, n), rng.normal(5, 2, n), rng.choice(["a", "b"], n)
+    y = 2 * x1 - x2 + 3 * (k == "b")
+    truth = Table(["x1", "x2", "k", "y"], [[float(a), float(b), str(c), float(d)] for a, b, c, d in zip(x1, x2, k, y)], "frame")
+    held = [(r, 3) for r in range(0, n, 5)]  # validation cells of y
+    guesses = {cell: float(np.mean(y) + rng.normal(0, 1)) for cell in held}
+    completed = {r: {"x1": x1[r], "x2": x2[r], "k": k[r], "y": guesses.get((r, 3), y[r])} for r in range(n)}
+    kinds = {"x1": "numeric", "x2": "numeric", "k": "categorical", "y": "numeric"}
+    cal = fit_calibration(truth, held, guesses, kinds, completed)["y"]
+    assert cal.linear > 0.99 and cal.shrink < 0.01 and cal.regression is not None and sorted(cal.regression.levels["k"]) == ["a", "b"]
+    assert cal.regression_error < 1e-3 and cal.describe("y").endswith("mean 2.8 on 60 cells -> linear") and ", linear 0.000" in cal.describe("y")
+    stored = from_info(json.loads(json.dumps({"imputation_calibration": to_json({"y": cal})})))  # as bundle.json holds it
+    new = [{"x1": 0.5, "x2": 4.0, "k": "b", "y": None}, {"x1": -1.0, "x2": 7.0, "k": "a", "y": None}]
+    fixed = calibrated({(0, 3): 0.0, (1, 3): 0.0}, truth.columns, stored, dict(enumerate(new)))
+    assert fixed[(0, 3)] == pytest.approx(2 * 0.5 - 4.0 + 3, abs=0.05) and fixed[(1, 3)] == pytest.approx(-2.0 - 7.0, abs=0.05)
+    # where the column depends on nothing, the regression gets no weight that the validation cells do not earn
+    noise = rng.normal(0, 1, n)
+    truth = Table(["x1", "y"], [[float(a), float(b)] for a, b in zip(x1, noise)], "frame")
+    completed = {r: {"x1": x1[r], "y": 0.0} for r in range(n)}
+    held = [(r, 1) for r, _ in held]
+    cal = fit_calibration(truth, held, {cell: 0.0 for cell in held}, {"x1": "numeric", "y": "numeric"}, completed)["y"]
+    assert cal.linear < 0.3 and (cal.regression is None or cal.regression.penalty >= 100)
+
+
+def test_ridge_penalty_is_chosen_by_the_exact_leave_one_out_error():
+    """The closed-form leave-one-out residual e_i / (1 - H_ii) against refitting without each row."""
+    from maskdiff.tasks.row_regression import PENALTIES, fit_row_regression
+
+    rng = np.random.default_rng(1)
+    n = 15
+    X = rng.normal(0, 1, (n, 3))
+    y = X @ np.array([1.0, -0.5, 0.0]) + rng.normal(0, 1.5, n)
+    rows = [{"a": a, "b": b, "c": c} for a, b, c in X]
+    reg = fit_row_regression(rows, y, {"a": "numeric", "b": "numeric", "c": "numeric"})
+    Z = (X - X.mean(0)) / X.std(0)
+
+    def refit_error(lam: float) -> float:  # intercept free, penalty on the weights only
+        errors = []
+        for i in range(n):
+            keep = np.arange(n) != i
+            A = np.column_stack([np.ones(n - 1), Z[keep]])
+            w = np.linalg.solve(A.T @ A + np.diag([0.0, lam, lam, lam]), A.T @ y[keep])
+            errors.append(y[i] - np.concatenate([[1.0], Z[i]]) @ w)
+        return float(np.mean(np.square(errors)))
+
+    assert reg.penalty == min(PENALTIES, key=refit_error)
+    A = np.column_stack([np.ones(n), Z])  # and the weights are the ridge solution at that penalty
+    w = np.linalg.solve(A.T @ A + np.diag([0.0] + [reg.penalty] * 3), A.T @ y)
+    assert np.allclose(reg.predict(rows), A @ w)
+
+
+def test_a_wide_row_shares_the_features_and_a_very_wide_one_gets_no_regression():
+    from maskdiff.tasks.row_regression import MAX_FEATURES, fit_row_regression
+
+    rows = [{f"k{j}": str(i % 50) for j in range(30)} | {"x": float(i)} for i in range(100)]
+    reg = fit_row_regression(rows, [float(i) for i in range(100)], {"x": "numeric"} | {f"k{j}": "categorical" for j in range(30)})
+    assert reg is not None and len(reg.center) <= MAX_FEATURES and all(len(v) == (MAX_FEATURES - 1) // 30 for v in reg.levels.values())
+    wide = {f"x{j}": "numeric" for j in range(MAX_FEATURES + 1)}
+    assert fit_row_regression([{c: 1.0 for c in wide}] * 5, [1.0] * 5, wide) is None
+
+
+def test_the_blend_is_the_least_squares_point_of_the_triangle():
+    from maskdiff.tasks.imputation_calibration import _blend
+
+    rng = np.random.default_rng(2)
+    G, L = rng.normal(0, 1, 50), rng.normal(0, 1, 50)
+    assert _blend(0.5 * G + 0.3 * L, G, L) == pytest.approx((0.5, 0.3))  # inside: found exactly
+    assert _blend(L, G, L) == pytest.approx((0.0, 1.0)) and _blend(-G, G, L) == pytest.approx((0.0, 0.0), abs=0.2)
+    for _ in range(20):  # never worse than a brute-force search of the triangle
+        t = rng.normal(0, 1) * G + rng.normal(0, 1) * L + rng.normal(0, 1, 50)
+        a, b = _blend(t, G, L)
+        grid = [(u, v) for u in np.linspace(0, 1, 41) for v in np.linspace(0, 1, 41) if u + v <= 1 + 1e-12]
+        assert a >= 0 and b >= 0 and a + b <= 1 + 1e-12
+        assert np.sum((t - a * G - b * L) ** 2) <= min(np.sum((t - u * G - v * L) ** 2) for u, v in grid) + 1e-9
+
+
 def test_best_guesses_apply_the_bundles_calibration_and_draws_do_not():
     from maskdiff.tasks.imputation_calibration import ColumnCalibration, to_json
+    from maskdiff.tasks.row_regression import fit_row_regression
 
     bundle = toy_bundle(lambda x_t, spec: probs(spec, [0.0, 0.0, 0.0, 1.0], [0.9, 0.1, 0.0]))
     means = bundle.adapters["tabular"].columns["x"].means
@@ -286,6 +368,13 @@ def test_best_guesses_apply_the_bundles_calibration_and_draws_do_not():
     table = Table(["x", "c"], [[None, None]], "frame")
     best = impute(bundle, table).draws[0]
     assert best[(0, 0)] == pytest.approx(10.0 + 0.25 * (means[3] - 10.0)) and best[(0, 1)] == "b"
+    # a regression reads the row as the model completed it: c = a (its guess, not the corrected b)
+    regression = fit_row_regression([{"c": "a"}, {"c": "b"}] * 20, [30.0, 70.0] * 20, {"c": "categorical"})
+    bundle.info["imputation_calibration"]["x"] = to_json({"x": ColumnCalibration("numeric", 50, 1.0, 1.0, shrink=0.25, mean=10.0, linear=0.5,
+                                                                                 regression=regression)})["x"]
+    at_a = float(regression.predict([{"c": "a"}])[0])
+    assert at_a == pytest.approx(30.0, abs=0.5)
+    assert impute(bundle, table).draws[0][(0, 0)] == pytest.approx(10.0 + 0.25 * (means[3] - 10.0) + 0.5 * (at_a - 10.0))
     raw = impute(bundle, table, calibrate=False).draws[0]
     assert raw[(0, 0)] == pytest.approx(means[3]) and raw[(0, 1)] == "a"
     drawn = impute(bundle, table, draws=1, seed=0).draws[0]

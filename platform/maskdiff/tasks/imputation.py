@@ -286,6 +286,7 @@ def impute(bundle, table: Table, *, draws: int = 0, temperature: float = 1.0, pa
     rng = np.random.default_rng(seed) if adapter.options.get("numeric_decode") == "uniform" else None
     results: list[dict[Cell, Any]] = []
     confidence: dict[Cell, float] = {}
+    completed: dict[int, dict[str, Any]] = {}  # row -> every learned column: observed, or the guess
     calls = 0
     for _ in range(max(draws, 1)):
         vals, conf, n = fill_rows(bundle, todo, learned, best=draws == 0, generator=generator, temperature=temperature,
@@ -299,9 +300,10 @@ def impute(bundle, table: Table, *, draws: int = 0, temperature: float = 1.0, pa
                     out[(r, col_index[c])] = filled[c]
                     if c in sure:
                         confidence[(r, col_index[c])] = sure[c]
+            completed[r] = {c: filled[c] if c in filled else table.values[r][col_index[c]] for c in learned}
         results.append(out)
     if draws == 0 and calibrate:
-        results = [calibrated(results[0], table.columns, from_info(getattr(bundle, "info", {})))]
+        results = [calibrated(results[0], table.columns, from_info(getattr(bundle, "info", {})), completed)]
     numbered = row_number_cells(table, adapter)
     for cell, number in numbered.items():
         cells.append(cell)

@@ -8,16 +8,20 @@ training (:func:`validation_cells`: a tenth of each learned column, at least
 their rows, and per column compares its guesses with the truth
 (:func:`fit_calibration`):
 
-* numeric: the guess g is shrunk toward the column mean mu,
-  ``mu + lam * (g - mu)``, with ``lam`` in [0, 1] the least-squares choice on
-  the validation cells, ``lam = sum((g - mu)(y - mu)) / sum((g - mu)^2)``.
-  ``lam = 1`` keeps the model's guess and ``lam = 0`` is the mean, so on
-  those cells the result is at least as good as either;
+* numeric: the guess g is combined with the column mean mu and the column's
+  linear guess l (a ridge regression on the row's other cells, completed by
+  the model where missing; see :mod:`maskdiff.tasks.row_regression`):
+  ``mu + a * (g - mu) + b * (l - mu)``, with ``a, b >= 0`` and ``a + b <= 1``
+  the least-squares choice on the validation cells. The corners of that
+  triangle are the mean (0, 0), the model (1, 0) and the regression (0, 1),
+  so on those cells the result is at least as good as each of them. Without
+  a regression (too few rows) ``b = 0`` and ``a`` is the shrinkage
+  ``sum((g - mu)(y - mu)) / sum((g - mu)^2)`` clipped to [0, 1];
 * categorical: the column mode replaces the model's guess when the mode was
   right more often on the validation cells.
 
 The mean and mode are those of all the user's observed cells (the validation
-cells included), so ``lam = 0`` is exactly what the user's own mean imputer
+cells included), so ``a = b = 0`` is exactly what the user's own mean imputer
 would write. A stricter rule that keeps the model only when it beats the mean
 by more than the noise of the validation cells (a leave-one-out test) was
 tried and dropped: on a 178-row table, with 20 cells a column, it fell back
@@ -38,14 +42,18 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from .imputation_quality import column_mean_or_mode, finite_number
+from .row_regression import RowRegression, fit_row_regression, from_json
 from maskdiff.data.tables import Table
 
 BUNDLE_KEY = "imputation_calibration"
 FRACTION, MIN_CELLS, MAX_FRACTION = 0.1, 20, 0.25  # validation cells per learned column
 MAX_CELLS = 1000  # enough to judge a column by; in a large table the rest are worth more as training data
 MIN_TO_CALIBRATE = 10  # fewer validation cells than this: the column keeps the model's guess
+MIN_TO_REGRESS = 20  # rows with the column observed that a regression needs (else none: b = 0)
+REGRESSION_ROWS = 5000  # rows of the fit table the regressions learn from (a sample of a larger table)
 
 Cell = tuple[int, int]
+Row = Mapping[str, Any]  # learned column -> value: observed, or the model's guess
 
 
 @dataclass(frozen=True)
@@ -56,23 +64,33 @@ class ColumnCalibration:
     cells: int  # validation cells
     model: float  # validation RMSE (numeric) or accuracy (categorical) of the model's guesses
     baseline: float  # the same for the column mean / mode
-    shrink: float = 1.0  # numeric: weight of the model's guess against the mean
+    shrink: float = 1.0  # numeric: weight a of the model's guess
     mean: float = 0.0
     mode: str | None = None  # categorical: set when the mode replaces the model's guess
+    linear: float = 0.0  # numeric: weight b of the regression's guess
+    regression: RowRegression | None = None
+    regression_error: float | None = None  # numeric: validation RMSE of the regression's guesses
 
-    def apply(self, value: Any) -> Any:
-        if self.kind == "numeric":
-            return self.mean + self.shrink * (float(value) - self.mean)
-        return value if self.mode is None else self.mode
+    def apply(self, values: Sequence[Any], rows: Sequence[Row]) -> list[Any]:
+        """The corrected guesses for ``values``, the model's guesses in ``rows`` (their completed rows)."""
+        if self.kind != "numeric":
+            return list(values) if self.mode is None else [self.mode] * len(values)
+        out = self.mean + self.shrink * (np.asarray(values, dtype=np.float64) - self.mean)
+        if self.linear and self.regression is not None and len(rows):
+            out += self.linear * (self.regression.predict(rows) - self.mean)
+        return [float(v) for v in out]
 
     def describe(self, column: str) -> str:
         what = "RMSE" if self.kind == "numeric" else "accuracy"
         base = "mean" if self.kind == "numeric" else "mode"
         if self.kind == "numeric":
-            use = "model" if self.shrink == 1.0 else f"{self.shrink:.2f} x model + {1 - self.shrink:.2f} x mean"
+            parts = [(self.shrink, "model"), (self.linear, "linear"), (1 - self.shrink - self.linear, "mean")]
+            used = [(w, what) for w, what in parts if w > 5e-3]
+            use = " + ".join(f"{w:.2f} x {what}" for w, what in used) if len(used) > 1 else (used[0][1] if used else "mean")
         else:
             use = "model" if self.mode is None else "mode"
-        return f"{column}: validation {what} model {self.model:.4g}, {base} {self.baseline:.4g} on {self.cells} cells -> {use}"
+        linear = "" if self.regression_error is None else f", linear {self.regression_error:.4g}"
+        return f"{column}: validation {what} model {self.model:.4g}{linear}, {base} {self.baseline:.4g} on {self.cells} cells -> {use}"
 
 
 def validation_cells(table: Table, columns: Sequence[str], rng: np.random.Generator) -> list[Cell]:
@@ -98,18 +116,22 @@ def validation_cells(table: Table, columns: Sequence[str], rng: np.random.Genera
     return sorted(chosen)
 
 
-def fit_calibration(truth: Table, cells: Sequence[Cell], guesses: Mapping[Cell, Any],
-                    kinds: Mapping[str, str]) -> dict[str, ColumnCalibration]:
+def fit_calibration(truth: Table, cells: Sequence[Cell], guesses: Mapping[Cell, Any], kinds: Mapping[str, str],
+                    completed: Mapping[int, Row] | None = None) -> dict[str, ColumnCalibration]:
     """Per learned column with enough validation ``cells``: the correction of the model's ``guesses``.
 
     ``truth`` holds every observed cell of the user's table, the validation
     cells included: the column mean and mode come from it, as they would for
-    the user's own mean/mode imputer.
+    the user's own mean/mode imputer. ``completed`` holds rows of the fit
+    table (validation cells hidden) completed by the model, the rows of the
+    validation cells among them: each numeric column's regression learns from
+    those where the column is observed, and is judged on the validation cells.
     """
     by_column: dict[int, list[Cell]] = {}
     for cell in cells:
         if cell in guesses:
             by_column.setdefault(cell[1], []).append(cell)
+    held = set(cells)
     out: dict[str, ColumnCalibration] = {}
     for c, col_cells in by_column.items():
         name = truth.columns[c]
@@ -118,19 +140,53 @@ def fit_calibration(truth: Table, cells: Sequence[Cell], guesses: Mapping[Cell, 
         y = [truth.values[r][c] for r, _ in col_cells]
         g = [guesses[cell] for cell in col_cells]
         base = column_mean_or_mode(truth, c, kinds[name])
-        if kinds[name] == "numeric":
-            out[name] = _numeric(np.array(y, dtype=np.float64), np.array(g, dtype=np.float64), base)
-        else:
+        if kinds[name] != "numeric":
             out[name] = _categorical([str(v) for v in y], [str(v) for v in g], base)
+            continue
+        regression = _regression(truth, c, completed or {}, held, kinds)
+        linear = None if regression is None else regression.predict([(completed or {})[r] for r, _ in col_cells])
+        out[name] = _numeric(np.array(y, dtype=np.float64), np.array(g, dtype=np.float64), base, linear, regression)
     return out
 
 
-def _numeric(y: np.ndarray, g: np.ndarray, mu: float) -> ColumnCalibration:
-    d = g - mu
-    denom = float(d @ d)
-    lam = 1.0 if denom == 0 else min(1.0, max(0.0, float(d @ (y - mu)) / denom))
+def _regression(truth: Table, c: int, completed: Mapping[int, Row], held: set[Cell], kinds: Mapping[str, str]) -> RowRegression | None:
+    """Column ``c``'s regression on the other learned columns, from the completed rows where it is observed."""
+    name = truth.columns[c]
+    rows = [r for r in sorted(completed) if (r, c) not in held and finite_number(truth.values[r][c]) is not None]
+    if len(rows) < MIN_TO_REGRESS:
+        return None
+    y = [finite_number(truth.values[r][c]) for r in rows]
+    return fit_row_regression([completed[r] for r in rows], y, {k: kind for k, kind in kinds.items() if k != name})  # type: ignore[arg-type]
+
+
+def _numeric(y: np.ndarray, g: np.ndarray, mu: float, linear: np.ndarray | None = None,
+             regression: RowRegression | None = None) -> ColumnCalibration:
+    a, b = _blend(y - mu, g - mu, np.zeros_like(y) if linear is None else linear - mu)
     rmse = lambda pred: float(np.sqrt(np.mean((pred - y) ** 2)))  # noqa: E731
-    return ColumnCalibration("numeric", len(y), rmse(g), rmse(np.full_like(y, mu)), shrink=round(lam, 6), mean=mu)
+    kept = regression is not None and b > 0
+    return ColumnCalibration("numeric", len(y), rmse(g), rmse(np.full_like(y, mu)), shrink=round(a, 6), mean=mu,
+                             linear=round(b, 6) if kept else 0.0, regression=regression if kept else None,
+                             regression_error=None if linear is None else rmse(linear))
+
+
+def _blend(t: np.ndarray, G: np.ndarray, L: np.ndarray) -> tuple[float, float]:
+    """The least-squares (a, b) of ``t ~ a G + b L`` over the triangle a, b >= 0, a + b <= 1.
+
+    The least of a convex quadratic over a triangle is its unconstrained least
+    when that lies inside, else the least over one of the edges, each a clipped
+    one-dimensional least squares; the candidates are compared by their error."""
+    def along(u: np.ndarray, v: np.ndarray) -> float:  # argmin over x in [0, 1] of |v - x u|^2
+        uu = float(u @ u)
+        return 0.0 if uu == 0 else min(1.0, max(0.0, float(u @ v) / uu))
+
+    x = along(G - L, t - L)
+    candidates = [(along(G, t), 0.0), (0.0, along(L, t)), (x, 1.0 - x)]
+    A = np.stack([G, L], 1)
+    if np.linalg.matrix_rank(A) == 2:
+        a, b = np.linalg.lstsq(A, t, rcond=None)[0]
+        if a >= 0 and b >= 0 and a + b <= 1:
+            candidates.append((float(a), float(b)))
+    return min(candidates, key=lambda ab: float(np.sum((t - ab[0] * G - ab[1] * L) ** 2)))
 
 
 def _categorical(y: list[str], g: list[str], mode: str) -> ColumnCalibration:
@@ -146,12 +202,26 @@ def to_json(calibration: Mapping[str, ColumnCalibration]) -> dict[str, dict[str,
 def from_info(info: Mapping[str, Any]) -> dict[str, ColumnCalibration]:
     """The calibration stored in a bundle's ``bundle.json`` (empty when it has none)."""
     known = {f.name for f in fields(ColumnCalibration)}  # older bundles stored an `integer` flag: ignored
-    return {name: ColumnCalibration(**{k: v for k, v in entry.items() if k in known}) for name, entry in (info.get(BUNDLE_KEY) or {}).items()}
+    out = {}
+    for name, entry in (info.get(BUNDLE_KEY) or {}).items():
+        kept = {k: v for k, v in entry.items() if k in known}
+        out[name] = ColumnCalibration(**(kept | {"regression": from_json(kept.get("regression"))}))
+    return out
 
 
-def calibrated(guesses: Mapping[Cell, Any], columns: Sequence[str], calibration: Mapping[str, ColumnCalibration]) -> dict[Cell, Any]:
-    """``guesses`` with each column's correction applied (columns without one unchanged)."""
-    return {cell: (calibration[columns[cell[1]]].apply(v) if columns[cell[1]] in calibration else v) for cell, v in guesses.items()}
+def calibrated(guesses: Mapping[Cell, Any], columns: Sequence[str], calibration: Mapping[str, ColumnCalibration],
+               completed: Mapping[int, Row]) -> dict[Cell, Any]:
+    """``guesses`` with each column's correction applied (columns without one unchanged); ``completed``
+    holds each row of a guess, completed by the model's guesses (the regressions read it)."""
+    out = dict(guesses)
+    by_column: dict[int, list[Cell]] = {}
+    for cell in guesses:
+        if columns[cell[1]] in calibration:
+            by_column.setdefault(cell[1], []).append(cell)
+    for c, cells in by_column.items():
+        fixed = calibration[columns[c]].apply([guesses[cell] for cell in cells], [completed[r] for r, _ in cells])
+        out.update(zip(cells, fixed))
+    return out
 
 
 __all__ = ["BUNDLE_KEY", "ColumnCalibration", "calibrated", "fit_calibration", "from_info", "to_json", "validation_cells"]

@@ -22,8 +22,10 @@ given, and what :class:`maskdiff.tasks.imputer.MaskdiffImputer` runs in ``fit``:
 5. when the budget has room for more (a small table), train further models
    with other seeds for that many steps in ``RUN/model-2`` ...
    (:func:`more_members`); imputation averages their conditionals;
-6. fill the set-aside cells and store each column's correction in the
-   bundle (:func:`calibrate`).
+6. fill the set-aside cells (and the other cells missing in the rows the
+   regressions learn from) and store each column's correction in the bundle:
+   how much of the model's guess, of a linear regression on the row's other
+   cells and of the column mean a numeric guess takes (:func:`calibrate`).
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ from maskdiff.bundle import ENSEMBLE, adapter_of, annotate, load_bundle
 from maskdiff.errors import UserError
 from maskdiff.config import RunConfig, to_run_config, validate
 from .fit_selection import CheckpointWatch, checkpoint_every
-from .imputation_calibration import BUNDLE_KEY, fit_calibration, to_json, validation_cells
+from .imputation_calibration import BUNDLE_KEY, REGRESSION_ROWS, fit_calibration, to_json, validation_cells
 from .imputation_quality import finite_number, with_hidden
 from maskdiff.data.shards import REJECTS, ShardSet, write_shards
 from maskdiff.data.tables import Table, read_table, write_table
@@ -147,7 +149,7 @@ def _fit(source: Path, run_dir: Path, minutes: float, adapter_options: dict[str,
     for hint in number_columns_learned_as_categories(table, adapter, _names(adapter_options.get("categorical"))):
         log(hint)
     held = [(r, c) for r, c in held if table.columns[c] in adapter.columns]  # a column found not learnable has nothing to judge
-    rows_filled = len({r for r, _ in held}) + table.num_rows  # after training: calibration, then the table
+    rows_filled = len(regression_rows(table.num_rows, {r for r, _ in held}, seed)) + table.num_rows  # after training: calibration, then the table
     if manifest["records_rejected"]:
         log(f"{manifest['records_rejected']} row(s) could not be read and are left as they are (reasons in {shard_dir / REJECTS})")
     plan = plan_fit(manifest["records_written"], len(adapter.columns),
@@ -173,7 +175,7 @@ def _fit(source: Path, run_dir: Path, minutes: float, adapter_options: dict[str,
     members = more_members(member_cfg, run_dir, fit_ends - FILL_S_PER_ROW * MAX_MEMBERS * rows_filled, member_s, progress, log)
     if members:
         annotate(bundle, ENSEMBLE, [os.path.relpath(m, bundle) for m in members])
-    calibrate(bundle, table, learn_from, held, log)
+    calibrate(bundle, table, learn_from, held, log, seed)
     return bundle, plan
 
 
@@ -190,22 +192,38 @@ def more_members(cfg: DictConfig, run_dir: Path, deadline: float, member_s: floa
     return members
 
 
-def calibrate(bundle_path: Path, truth: Table, learn_from: Table, held: Sequence[tuple[int, int]], log: Callable[[str], None]) -> None:
-    """Fill the set-aside cells with the trained model and store each column's correction in the bundle."""
+def calibrate(bundle_path: Path, truth: Table, learn_from: Table, held: Sequence[tuple[int, int]], log: Callable[[str], None],
+              seed: int = 0) -> None:
+    """Fill the set-aside cells with the trained model (and the rest of their rows, and a sample of the
+    other rows, for the regressions to learn from) and store each column's correction in the bundle."""
     from .imputation import impute
 
     bundle = load_bundle(bundle_path)
     adapter = bundle.adapter("tabular")
     held = [(r, c) for r, c in held if truth.columns[c] in adapter.columns]
-    rows = sorted({r for r, _ in held})
+    rows = regression_rows(learn_from.num_rows, {r for r, _ in held}, seed)
     at = {r: i for i, r in enumerate(rows)}
-    filled = impute(bundle, Table(learn_from.columns, [learn_from.values[r] for r in rows], "frame"), calibrate=False).draws[0]
-    guesses = {(r, c): filled[(at[r], c)] for r, c in held if (at[r], c) in filled}  # none for a row the model cannot read
+    imp = impute(bundle, Table(learn_from.columns, [learn_from.values[r] for r in rows], "frame"), calibrate=False)
+    filled = imp.draws[0]
+    refused = {rows[i] for i, _ in imp.refused}  # rows the model cannot read (an inf): neither guessed nor learned from
+    guesses = {(r, c): filled[(at[r], c)] for r, c in held if (at[r], c) in filled}
+    index = {name: c for c, name in enumerate(learn_from.columns)}
+    completed = {r: {name: filled.get((at[r], index[name]), learn_from.values[r][index[name]]) for name in adapter.columns}
+                 for r in rows if r not in refused}
     kinds = {c: adapter.kind(c) for c in adapter.columns}
-    calibration = fit_calibration(truth, held, guesses, kinds)
+    calibration = fit_calibration(truth, held, guesses, kinds, completed)
     annotate(bundle_path, BUNDLE_KEY, to_json(calibration))
     for name, cal in calibration.items():
         log(cal.describe(name))
+
+
+def regression_rows(num_rows: int, held_rows: set[int], seed: int) -> list[int]:
+    """The rows the calibration fills: those with set-aside cells, and of the others a sample that brings
+    the count to REGRESSION_ROWS (all of them in a smaller table)."""
+    others = np.array(sorted(set(range(num_rows)) - held_rows), dtype=np.int64)
+    take = max(0, min(len(others), REGRESSION_ROWS - len(held_rows)))
+    sample = np.random.default_rng(seed).choice(others, size=take, replace=False) if take < len(others) else others
+    return sorted(held_rows | {int(r) for r in sample})
 
 
 def number_columns_learned_as_categories(table: Table, adapter: Any, named: Sequence[str]) -> list[str]:
