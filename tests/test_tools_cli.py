@@ -275,3 +275,15 @@ def test_the_digit_judges_of_the_quality_benchmark_tell_two_kinds_of_image_apart
         assert (pred == yt).mean() > 0.95 and conf.shape == (100,) and ((conf >= 0.5) & (conf <= 1)).all()
     flipped = bq.cnn_judge(X, np.where(y == "across", "down", "across"), (8, 8, 1), seed=0, epochs=4)
     assert (flipped(Xt)[0] == yt).mean() < 0.05  # it learns the labels it is given, not a fixed answer
+
+
+def test_the_table_benchmarks_markdown_ends_with_the_overall_figures_best_in_bold():
+    bq = load_tool("bench_quality")
+    scores = {"model": {"x": {"nrmse": 0.5}, "y": {"nrmse": 0.9}, "z": {"nrmse": 0.7}, "k": {"accuracy": 0.8},
+                        "all": {"nrmse": 0.72, "numeric_cells": 30, "accuracy": 0.8, "categorical_cells": 10}},
+              "mean": {"x": {"nrmse": 1.0}, "y": {"nrmse": 1.0}, "z": {"nrmse": 0.6}, "k": {"accuracy": 0.6},
+                       "all": {"nrmse": 0.87, "numeric_cells": 30, "accuracy": 0.6, "categorical_cells": 10}}}
+    text = bq.tables_markdown([{"table": "t.csv", "rows": 40, "hidden_cells": 40, "fit_seconds": 9.0, "impute_seconds": 0.1, "results": scores}])
+    assert "| z | RMSE/std | 0.700 | **0.600** |" in text
+    assert "| *all numeric* | RMSE/std | **0.720** | 0.870 |" in text and "| *all categorical* | accuracy | **0.800** | 0.600 |" in text
+    assert "| *median numeric column* | RMSE/std | **0.700** | 1.000 |" in text  # medians of (0.5, 0.9, 0.7) and (1, 1, 0.6)
