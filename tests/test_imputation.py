@@ -290,8 +290,8 @@ def test_calibration_takes_the_regressions_guess_where_it_is_right_and_stores_it
     completed = {r: {"x1": x1[r], "x2": x2[r], "k": k[r], "y": guesses.get((r, 3), y[r])} for r in range(n)}
     kinds = {"x1": "numeric", "x2": "numeric", "k": "categorical", "y": "numeric"}
     cal = fit_calibration(truth, held, guesses, kinds, completed)["y"]
-    assert cal.linear > 0.99 and cal.shrink < 0.01 and cal.regression is not None and sorted(cal.regression.levels["k"]) == ["a", "b"]
-    assert cal.regression_error < 1e-3 and cal.describe("y").endswith("mean 2.8 on 60 cells -> linear") and ", linear 0.000" in cal.describe("y")
+    assert cal.linear > 0.99 and cal.shrink < 0.01 and cal.linear_model is not None and sorted(cal.linear_model.features.levels["k"]) == ["a", "b"]
+    assert cal.linear_score < 1e-3 and cal.describe("y").endswith("mean 2.8 on 60 cells -> linear") and ", linear 0.000" in cal.describe("y")
     stored = from_info(json.loads(json.dumps({"imputation_calibration": to_json({"y": cal})})))  # as bundle.json holds it
     new = [{"x1": 0.5, "x2": 4.0, "k": "b", "y": None}, {"x1": -1.0, "x2": 7.0, "k": "a", "y": None}]
     fixed = calibrated({(0, 3): 0.0, (1, 3): 0.0}, truth.columns, stored, dict(enumerate(new)))
@@ -302,7 +302,7 @@ def test_calibration_takes_the_regressions_guess_where_it_is_right_and_stores_it
     completed = {r: {"x1": x1[r], "y": 0.0} for r in range(n)}
     held = [(r, 1) for r, _ in held]
     cal = fit_calibration(truth, held, {cell: 0.0 for cell in held}, {"x1": "numeric", "y": "numeric"}, completed)["y"]
-    assert cal.linear < 0.3 and (cal.regression is None or cal.regression.penalty >= 100)
+    assert cal.linear < 0.3 and (cal.linear_model is None or cal.linear_model.penalty >= 100)
 
 
 def test_ridge_penalty_is_chosen_by_the_exact_leave_one_out_error():
@@ -337,9 +337,40 @@ def test_a_wide_row_shares_the_features_and_a_very_wide_one_gets_no_regression()
 
     rows = [{f"k{j}": str(i % 50) for j in range(30)} | {"x": float(i)} for i in range(100)]
     reg = fit_row_regression(rows, [float(i) for i in range(100)], {"x": "numeric"} | {f"k{j}": "categorical" for j in range(30)})
-    assert reg is not None and len(reg.center) <= MAX_FEATURES and all(len(v) == (MAX_FEATURES - 1) // 30 for v in reg.levels.values())
+    assert reg is not None and len(reg.features.center) <= MAX_FEATURES
+    assert all(len(v) == (MAX_FEATURES - 1) // 30 for v in reg.features.levels.values())
     wide = {f"x{j}": "numeric" for j in range(MAX_FEATURES + 1)}
     assert fit_row_regression([{c: 1.0 for c in wide}] * 5, [1.0] * 5, wide) is None
+
+
+def test_a_categorical_guess_mixes_in_the_classifier_where_it_gives_the_validation_cells_more_likelihood():
+    """k is "b" exactly where x > 0: the model's distributions are wrong half the time, the classifier is not."""
+    from maskdiff.tasks.imputation_calibration import calibrated, fit_calibration, from_info, to_json
+
+    rng = np.random.default_rng(3)
+    n = 400
+    x = rng.normal(0, 1, n)
+    k = np.where(x > 0, "b", "a")
+    truth = Table(["x", "k"], [[float(a), str(b)] for a, b in zip(x, k)], "frame")
+    held = [(r, 1) for r in range(0, n, 4)]
+    wrong = {cell: rng.random() < 0.5 for cell in held}
+    dists = {cell: ({"a": 0.3, "b": 0.7} if (k[cell[0]] == "a") == wrong[cell] else {"a": 0.7, "b": 0.3}) for cell in held}
+    guesses = {cell: max(d, key=d.get) for cell, d in dists.items()}
+    completed = {r: {"x": x[r], "k": guesses.get((r, 1), k[r])} for r in range(n)}
+    kinds = {"x": "numeric", "k": "categorical"}
+    cal = fit_calibration(truth, held, guesses, kinds, completed, dists)["k"]
+    assert 0.35 < cal.model < 0.65 and cal.linear_score > 0.9 and cal.linear >= 0.5 and cal.mode is None
+    stored = from_info(json.loads(json.dumps({"imputation_calibration": to_json({"k": cal})})))
+    rows = {0: {"x": 2.0, "k": "a"}, 1: {"x": -2.0, "k": "b"}}
+    fixed = calibrated({(0, 1): "a", (1, 1): "b"}, truth.columns, stored, rows, {(0, 1): {"a": 0.7, "b": 0.3}, (1, 1): {"a": 0.3, "b": 0.7}})
+    assert fixed == {(0, 1): "b", (1, 1): "a"}
+    # a model that is right keeps its guesses: the classifier's share stays 0 when it adds no likelihood
+    right = {cell: ({"a": 0.999, "b": 0.001} if k[cell[0]] == "a" else {"a": 0.001, "b": 0.999}) for cell in held}
+    cal = fit_calibration(truth, held, {cell: k[cell[0]] for cell in held}, kinds, completed, right)["k"]
+    assert cal.model == 1.0 and cal.linear <= 0.1 and cal.mode is None
+    # without distributions (an older caller) the rule is the one before: model or mode
+    cal = fit_calibration(truth, held, guesses, kinds, completed)["k"]
+    assert cal.linear == 0.0 and cal.linear_model is None
 
 
 def test_the_blend_is_the_least_squares_point_of_the_triangle():
@@ -371,7 +402,7 @@ def test_best_guesses_apply_the_bundles_calibration_and_draws_do_not():
     # a regression reads the row as the model completed it: c = a (its guess, not the corrected b)
     regression = fit_row_regression([{"c": "a"}, {"c": "b"}] * 20, [30.0, 70.0] * 20, {"c": "categorical"})
     bundle.info["imputation_calibration"]["x"] = to_json({"x": ColumnCalibration("numeric", 50, 1.0, 1.0, shrink=0.25, mean=10.0, linear=0.5,
-                                                                                 regression=regression)})["x"]
+                                                                                 linear_model=regression)})["x"]
     at_a = float(regression.predict([{"c": "a"}])[0])
     assert at_a == pytest.approx(30.0, abs=0.5)
     assert impute(bundle, table).draws[0][(0, 0)] == pytest.approx(10.0 + 0.25 * (means[3] - 10.0) + 0.5 * (at_a - 10.0))

@@ -68,6 +68,7 @@ class Imputation:
     draws: list[dict[Cell, Any]]
     kinds: dict[str, str]  # column -> numeric | categorical
     confidence: dict[Cell, float]  # best guess: the model's probability of the chosen category / bin
+    distributions: dict[Cell, dict[str, float]]  # best guess, categorical cells: the model's probability of each category
     network_calls: int
     refused: list[tuple[int, str]] = field(default_factory=list)  # (row, reason): rows the model cannot read, left as they are
 
@@ -187,8 +188,10 @@ def _take(batch: Batch, rows: Tensor) -> Batch:
 @torch.inference_mode()
 def fill_rows(bundle, records: Sequence[Record], columns: Sequence[str], *, best: bool, generator: torch.Generator | None = None,
               temperature: float = 1.0, batch_size: int = 512, device: str = "cpu", progress: bool = False,
-              rng: np.random.Generator | None = None, adapter=None) -> tuple[list[dict[str, Any]], list[dict[str, float]], int]:
-    """Per record: column -> filled value, column -> confidence (best guess); and the network calls.
+              rng: np.random.Generator | None = None, adapter=None
+              ) -> tuple[list[dict[str, Any]], list[dict[str, float]], list[dict[str, dict[str, float]]], int]:
+    """Per record: column -> filled value, column -> confidence and (categorical) column -> the distribution
+    it was chosen from (best guess); and the network calls.
 
     Every learned column of ``adapter`` (default: the bundle's only tabular one) must be a field
     of the records in ``columns`` order (as :func:`row_records` makes them).
@@ -196,6 +199,7 @@ def fill_rows(bundle, records: Sequence[Record], columns: Sequence[str], *, best
     heads = ColumnHeads(bundle, columns, adapter or adapter_of(bundle.adapters, "tabular"))
     values: list[dict[str, Any]] = [{} for _ in records]
     confidence: list[dict[str, float]] = [{} for _ in records]
+    distributions: list[dict[str, dict[str, float]]] = [{} for _ in records]
     calls = 0
     bar = tqdm(total=len(records), desc="imputing", unit="row", disable=not progress, leave=False)
     for start in range(0, len(records), batch_size):
@@ -206,7 +210,7 @@ def fill_rows(bundle, records: Sequence[Record], columns: Sequence[str], *, best
         while active.numel():
             groups = _conditionals(bundle, _take(batch, active), masked[active])
             calls += 1
-            for row, j, token, conf, value in _pick_cells(heads, groups, masked[active], best, generator, temperature):
+            for row, j, token, conf, value, dist in _pick_cells(heads, groups, masked[active], best, generator, temperature):
                 b = int(active[row])
                 col = heads.columns[j]
                 if value is None:  # a draw: decode the drawn token as the adapter does
@@ -215,17 +219,20 @@ def fill_rows(bundle, records: Sequence[Record], columns: Sequence[str], *, best
                 values[start + b][col] = value
                 if best:
                     confidence[start + b][col] = conf
+                if dist is not None:
+                    distributions[start + b][col] = dict(zip(heads.vocabs[j].categories, dist))
                 batch.tokens[b, j] = heads.starts[j] + token
                 masked[b, j] = False
             active = masked.any(-1).nonzero().squeeze(-1)
         bar.update(len(chunk))
     bar.close()
-    return values, confidence, calls
+    return values, confidence, distributions, calls
 
 
 def _pick_cells(heads: ColumnHeads, groups: Sequence[SupportGroup], masked: Tensor, best: bool, generator: torch.Generator | None,
-                temperature: float) -> list[tuple[int, int, int, float, Any]]:
-    """One cell per row to commit: (row, column, local token, confidence, value or None)."""
+                temperature: float) -> list[tuple[int, int, int, float, Any, list[float] | None]]:
+    """One cell per row to commit: (row, column, local token, confidence, value or None, and for a best guess
+    of a categorical cell the probabilities of its categories)."""
     n, L = masked.shape
     row_of = masked.nonzero()[:, 0]  # the row of each masked cell, in the order the groups index
     top = torch.full((n, L), -1.0, dtype=torch.float64, device=masked.device)
@@ -258,7 +265,8 @@ def _pick_cells(heads: ColumnHeads, groups: Sequence[SupportGroup], masked: Tens
             tokens = torch.multinomial(p, 1, generator=generator).squeeze(-1)  # float64 probabilities
             vals = [None] * len(rows)
         conf = p.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).tolist()
-        out.extend((int(r), j, int(t), c, v) for r, t, c, v in zip(rows.tolist(), tokens.tolist(), conf, vals))
+        dists_j = p[:, :-1].tolist() if best and not heads.numeric[j] else [None] * len(vals)  # without the other bucket (last)
+        out.extend((int(r), j, int(t), c, v, d) for r, t, c, v, d in zip(rows.tolist(), tokens.tolist(), conf, vals, dists_j))
     return out
 
 
@@ -286,24 +294,27 @@ def impute(bundle, table: Table, *, draws: int = 0, temperature: float = 1.0, pa
     rng = np.random.default_rng(seed) if adapter.options.get("numeric_decode") == "uniform" else None
     results: list[dict[Cell, Any]] = []
     confidence: dict[Cell, float] = {}
+    distributions: dict[Cell, dict[str, float]] = {}
     completed: dict[int, dict[str, Any]] = {}  # row -> every learned column: observed, or the guess
     calls = 0
     for _ in range(max(draws, 1)):
-        vals, conf, n = fill_rows(bundle, todo, learned, best=draws == 0, generator=generator, temperature=temperature,
+        vals, conf, dists, n = fill_rows(bundle, todo, learned, best=draws == 0, generator=generator, temperature=temperature,
                                   batch_size=batch_size, device=device, progress=progress, rng=rng, adapter=adapter)
         calls += n
         out: dict[Cell, Any] = {}
-        for rec, filled, sure in zip(todo, vals, conf):
+        for rec, filled, sure, dist in zip(todo, vals, conf, dists):
             r = rec.meta["row"]
             for c in used:
                 if table.values[r][col_index[c]] is None:
                     out[(r, col_index[c])] = filled[c]
                     if c in sure:
                         confidence[(r, col_index[c])] = sure[c]
+                    if c in dist:
+                        distributions[(r, col_index[c])] = dist[c]
             completed[r] = {c: filled[c] if c in filled else table.values[r][col_index[c]] for c in learned}
         results.append(out)
     if draws == 0 and calibrate:
-        results = [calibrated(results[0], table.columns, from_info(getattr(bundle, "info", {})), completed)]
+        results = [calibrated(results[0], table.columns, from_info(getattr(bundle, "info", {})), completed, distributions)]
     numbered = row_number_cells(table, adapter)
     for cell, number in numbered.items():
         cells.append(cell)
@@ -311,7 +322,7 @@ def impute(bundle, table: Table, *, draws: int = 0, temperature: float = 1.0, pa
         confidence[cell] = 1.0
         for out in results:
             out[cell] = number
-    return Imputation(table, cells, results, kinds, confidence, calls, refused)
+    return Imputation(table, cells, results, kinds, confidence, distributions, calls, refused)
 
 
 def uncertainty(imp: Imputation) -> list[dict[str, Any]]:

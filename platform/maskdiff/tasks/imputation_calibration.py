@@ -17,8 +17,12 @@ their rows, and per column compares its guesses with the truth
   so on those cells the result is at least as good as each of them. Without
   a regression (too few rows) ``b = 0`` and ``a`` is the shrinkage
   ``sum((g - mu)(y - mu)) / sum((g - mu)^2)`` clipped to [0, 1];
-* categorical: the column mode replaces the model's guess when the mode was
-  right more often on the validation cells.
+* categorical: the guess is the most probable category of the mixture
+  ``(1 - w) * p_model + w * p_linear`` of the model's distribution and that
+  of a multinomial logistic regression on the row's other cells, with ``w``
+  in 0, 0.1, ..., 1 the share that gives the validation cells the highest
+  likelihood; the column mode replaces it when the mode was right more often
+  there.
 
 The mean and mode are those of all the user's observed cells (the validation
 cells included), so ``a = b = 0`` is exactly what the user's own mean imputer
@@ -42,7 +46,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from .imputation_quality import column_mean_or_mode, finite_number
-from .row_regression import RowRegression, fit_row_regression, from_json
+from .row_regression import RowClassifier, RowRegression, fit_row_classifier, fit_row_regression, from_json
 from maskdiff.data.tables import Table
 
 BUNDLE_KEY = "imputation_calibration"
@@ -66,18 +70,24 @@ class ColumnCalibration:
     baseline: float  # the same for the column mean / mode
     shrink: float = 1.0  # numeric: weight a of the model's guess
     mean: float = 0.0
-    mode: str | None = None  # categorical: set when the mode replaces the model's guess
-    linear: float = 0.0  # numeric: weight b of the regression's guess
-    regression: RowRegression | None = None
-    regression_error: float | None = None  # numeric: validation RMSE of the regression's guesses
+    mode: str | None = None  # categorical: set when the mode replaces the guess
+    linear: float = 0.0  # numeric: weight b of the regression's guess; categorical: the classifier's share of the distribution
+    linear_model: RowRegression | RowClassifier | None = None
+    linear_score: float | None = None  # the validation RMSE / accuracy of the linear model's guesses alone
 
-    def apply(self, values: Sequence[Any], rows: Sequence[Row]) -> list[Any]:
-        """The corrected guesses for ``values``, the model's guesses in ``rows`` (their completed rows)."""
+    def apply(self, values: Sequence[Any], rows: Sequence[Row], distributions: Sequence[Mapping[str, float] | None]) -> list[Any]:
+        """The corrected guesses for ``values``, the model's guesses in ``rows`` (their completed rows); a
+        categorical guess was chosen from its entry of ``distributions``."""
         if self.kind != "numeric":
-            return list(values) if self.mode is None else [self.mode] * len(values)
+            if self.mode is not None:
+                return [self.mode] * len(values)
+            if not self.linear or not isinstance(self.linear_model, RowClassifier) or not len(rows):
+                return list(values)
+            linear = self.linear_model.probabilities(rows)
+            return [_argmax(_mix(d or {str(v): 1.0}, q, self.linear)) for v, d, q in zip(values, distributions, linear)]
         out = self.mean + self.shrink * (np.asarray(values, dtype=np.float64) - self.mean)
-        if self.linear and self.regression is not None and len(rows):
-            out += self.linear * (self.regression.predict(rows) - self.mean)
+        if self.linear and isinstance(self.linear_model, RowRegression) and len(rows):
+            out += self.linear * (self.linear_model.predict(rows) - self.mean)
         return [float(v) for v in out]
 
     def describe(self, column: str) -> str:
@@ -85,12 +95,21 @@ class ColumnCalibration:
         base = "mean" if self.kind == "numeric" else "mode"
         if self.kind == "numeric":
             parts = [(self.shrink, "model"), (self.linear, "linear"), (1 - self.shrink - self.linear, "mean")]
-            used = [(w, what) for w, what in parts if w > 5e-3]
-            use = " + ".join(f"{w:.2f} x {what}" for w, what in used) if len(used) > 1 else (used[0][1] if used else "mean")
         else:
-            use = "model" if self.mode is None else "mode"
-        linear = "" if self.regression_error is None else f", linear {self.regression_error:.4g}"
+            parts = [(1.0, "mode")] if self.mode is not None else [(1 - self.linear, "model"), (self.linear, "linear")]
+        used = [(w, name) for w, name in parts if w > 5e-3]
+        use = " + ".join(f"{w:.2f} x {name}" for w, name in used) if len(used) > 1 else (used[0][1] if used else base)
+        linear = "" if self.linear_score is None else f", linear {self.linear_score:.4g}"
         return f"{column}: validation {what} model {self.model:.4g}{linear}, {base} {self.baseline:.4g} on {self.cells} cells -> {use}"
+
+
+def _mix(model: Mapping[str, float], linear: Mapping[str, float], share: float) -> dict[str, float]:
+    """``(1 - share) * model + share * linear``, two distributions over categories."""
+    return {k: (1 - share) * model.get(k, 0.0) + share * linear.get(k, 0.0) for k in {*model, *linear}}
+
+
+def _argmax(p: Mapping[str, float]) -> str:
+    return max(sorted(p), key=lambda k: p[k])
 
 
 def validation_cells(table: Table, columns: Sequence[str], rng: np.random.Generator) -> list[Cell]:
@@ -117,21 +136,25 @@ def validation_cells(table: Table, columns: Sequence[str], rng: np.random.Genera
 
 
 def fit_calibration(truth: Table, cells: Sequence[Cell], guesses: Mapping[Cell, Any], kinds: Mapping[str, str],
-                    completed: Mapping[int, Row] | None = None) -> dict[str, ColumnCalibration]:
+                    completed: Mapping[int, Row] | None = None,
+                    distributions: Mapping[Cell, Mapping[str, float]] | None = None) -> dict[str, ColumnCalibration]:
     """Per learned column with enough validation ``cells``: the correction of the model's ``guesses``.
 
     ``truth`` holds every observed cell of the user's table, the validation
     cells included: the column mean and mode come from it, as they would for
     the user's own mean/mode imputer. ``completed`` holds rows of the fit
     table (validation cells hidden) completed by the model, the rows of the
-    validation cells among them: each numeric column's regression learns from
-    those where the column is observed, and is judged on the validation cells.
+    validation cells among them: each column's linear model learns from those
+    where the column is observed, and is judged on the validation cells.
+    ``distributions`` holds the model's distribution at each categorical
+    validation cell (without it, or without ``completed``, no linear model).
     """
     by_column: dict[int, list[Cell]] = {}
     for cell in cells:
         if cell in guesses:
             by_column.setdefault(cell[1], []).append(cell)
     held = set(cells)
+    completed = completed or {}
     out: dict[str, ColumnCalibration] = {}
     for c, col_cells in by_column.items():
         name = truth.columns[c]
@@ -140,23 +163,33 @@ def fit_calibration(truth: Table, cells: Sequence[Cell], guesses: Mapping[Cell, 
         y = [truth.values[r][c] for r, _ in col_cells]
         g = [guesses[cell] for cell in col_cells]
         base = column_mean_or_mode(truth, c, kinds[name])
-        if kinds[name] != "numeric":
-            out[name] = _categorical([str(v) for v in y], [str(v) for v in g], base)
-            continue
-        regression = _regression(truth, c, completed or {}, held, kinds)
-        linear = None if regression is None else regression.predict([(completed or {})[r] for r, _ in col_cells])
-        out[name] = _numeric(np.array(y, dtype=np.float64), np.array(g, dtype=np.float64), base, linear, regression)
+        rows = [completed[r] for r, _ in col_cells] if all(r in completed for r, _ in col_cells) else []
+        if kinds[name] == "numeric":
+            regression = _linear_model(truth, c, completed, held, kinds) if rows else None
+            linear = None if regression is None else regression.predict(rows)
+            out[name] = _numeric(np.array(y, dtype=np.float64), np.array(g, dtype=np.float64), base, linear, regression)
+        else:
+            classifier = _linear_model(truth, c, completed, held, kinds) if rows and distributions is not None else None
+            dists = [(distributions or {}).get(cell) or {str(v): 1.0} for cell, v in zip(col_cells, g)]
+            linear_p = None if classifier is None else classifier.probabilities(rows)
+            out[name] = _categorical([str(v) for v in y], [str(v) for v in g], base, dists, linear_p, classifier)
     return out
 
 
-def _regression(truth: Table, c: int, completed: Mapping[int, Row], held: set[Cell], kinds: Mapping[str, str]) -> RowRegression | None:
-    """Column ``c``'s regression on the other learned columns, from the completed rows where it is observed."""
+def _linear_model(truth: Table, c: int, completed: Mapping[int, Row], held: set[Cell],
+                  kinds: Mapping[str, str]) -> RowRegression | RowClassifier | None:
+    """Column ``c``'s regression (numeric) or classifier (categorical) on the other learned columns, from the
+    completed rows where it is observed."""
     name = truth.columns[c]
-    rows = [r for r in sorted(completed) if (r, c) not in held and finite_number(truth.values[r][c]) is not None]
+    numeric = kinds[name] == "numeric"
+    rows = [r for r in sorted(completed) if (r, c) not in held and truth.values[r][c] is not None
+            and (not numeric or finite_number(truth.values[r][c]) is not None)]
     if len(rows) < MIN_TO_REGRESS:
         return None
-    y = [finite_number(truth.values[r][c]) for r in rows]
-    return fit_row_regression([completed[r] for r in rows], y, {k: kind for k, kind in kinds.items() if k != name})  # type: ignore[arg-type]
+    predictors = {k: kind for k, kind in kinds.items() if k != name}
+    if numeric:
+        return fit_row_regression([completed[r] for r in rows], [finite_number(truth.values[r][c]) for r in rows], predictors)  # type: ignore[misc]
+    return fit_row_classifier([completed[r] for r in rows], [truth.values[r][c] for r in rows], predictors)
 
 
 def _numeric(y: np.ndarray, g: np.ndarray, mu: float, linear: np.ndarray | None = None,
@@ -165,8 +198,33 @@ def _numeric(y: np.ndarray, g: np.ndarray, mu: float, linear: np.ndarray | None 
     rmse = lambda pred: float(np.sqrt(np.mean((pred - y) ** 2)))  # noqa: E731
     kept = regression is not None and b > 0
     return ColumnCalibration("numeric", len(y), rmse(g), rmse(np.full_like(y, mu)), shrink=round(a, 6), mean=mu,
-                             linear=round(b, 6) if kept else 0.0, regression=regression if kept else None,
-                             regression_error=None if linear is None else rmse(linear))
+                             linear=round(b, 6) if kept else 0.0, linear_model=regression if kept else None,
+                             linear_score=None if linear is None else rmse(linear))
+
+
+SHARES = tuple(k / 10 for k in range(11))  # the classifier's share of a categorical distribution, tried on the validation cells
+FLOOR = 1e-4  # least probability counted for a validation cell's true category
+
+
+def _categorical(y: list[str], g: list[str], mode: str, model_p: Sequence[Mapping[str, float]] | None = None,
+                 linear_p: Sequence[Mapping[str, float]] | None = None, classifier: RowClassifier | None = None) -> ColumnCalibration:
+    """The share of the classifier in the mixture with the model's distribution that gives the validation cells
+    the highest likelihood (a proper score: accuracy on a few dozen cells is too coarse to choose by); then the
+    mode instead, where the mode was right more often than the mixture's guesses."""
+    accuracy = lambda guess: sum(a == b for a, b in zip(y, guess)) / len(y)  # noqa: E731
+    share, linear_score = 0.0, None
+    if classifier is not None and model_p is not None and linear_p is not None:
+        def loglik(w: float) -> float:
+            return sum(math.log(max(_mix(p, q, w).get(t, 0.0), FLOOR)) for t, p, q in zip(y, model_p, linear_p))
+        share = max(SHARES, key=lambda w: (loglik(w), -w))
+        linear_score = accuracy([_argmax(q) for q in linear_p])
+        mixed = accuracy([_argmax(_mix(p, q, share)) for p, q in zip(model_p, linear_p)]) if share else accuracy(g)
+    else:
+        mixed = accuracy(g)
+    base = accuracy([mode] * len(y))
+    keep = share > 0 and base <= mixed
+    return ColumnCalibration("categorical", len(y), accuracy(g), base, mode=mode if base > mixed else None,
+                             linear=share if keep else 0.0, linear_model=classifier if keep else None, linear_score=linear_score)
 
 
 def _blend(t: np.ndarray, G: np.ndarray, L: np.ndarray) -> tuple[float, float]:
@@ -189,12 +247,6 @@ def _blend(t: np.ndarray, G: np.ndarray, L: np.ndarray) -> tuple[float, float]:
     return min(candidates, key=lambda ab: float(np.sum((t - ab[0] * G - ab[1] * L) ** 2)))
 
 
-def _categorical(y: list[str], g: list[str], mode: str) -> ColumnCalibration:
-    model = sum(a == b for a, b in zip(y, g)) / len(y)
-    base = sum(a == mode for a in y) / len(y)
-    return ColumnCalibration("categorical", len(y), model, base, mode=mode if base > model else None)
-
-
 def to_json(calibration: Mapping[str, ColumnCalibration]) -> dict[str, dict[str, Any]]:
     return {name: asdict(cal) for name, cal in calibration.items()}
 
@@ -205,21 +257,23 @@ def from_info(info: Mapping[str, Any]) -> dict[str, ColumnCalibration]:
     out = {}
     for name, entry in (info.get(BUNDLE_KEY) or {}).items():
         kept = {k: v for k, v in entry.items() if k in known}
-        out[name] = ColumnCalibration(**(kept | {"regression": from_json(kept.get("regression"))}))
+        out[name] = ColumnCalibration(**(kept | {"linear_model": from_json(kept.get("linear_model"))}))
     return out
 
 
 def calibrated(guesses: Mapping[Cell, Any], columns: Sequence[str], calibration: Mapping[str, ColumnCalibration],
-               completed: Mapping[int, Row]) -> dict[Cell, Any]:
+               completed: Mapping[int, Row], distributions: Mapping[Cell, Mapping[str, float]] | None = None) -> dict[Cell, Any]:
     """``guesses`` with each column's correction applied (columns without one unchanged); ``completed``
-    holds each row of a guess, completed by the model's guesses (the regressions read it)."""
+    holds each row of a guess, completed by the model's guesses, and ``distributions`` the model's
+    distribution at each categorical guess (the linear models read them)."""
     out = dict(guesses)
     by_column: dict[int, list[Cell]] = {}
     for cell in guesses:
         if columns[cell[1]] in calibration:
             by_column.setdefault(cell[1], []).append(cell)
     for c, cells in by_column.items():
-        fixed = calibration[columns[c]].apply([guesses[cell] for cell in cells], [completed[r] for r, _ in cells])
+        fixed = calibration[columns[c]].apply([guesses[cell] for cell in cells], [completed[r] for r, _ in cells],
+                                              [(distributions or {}).get(cell) for cell in cells])
         out.update(zip(cells, fixed))
     return out
 

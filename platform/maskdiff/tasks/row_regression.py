@@ -1,16 +1,18 @@
-"""A ridge regression of one numeric column on the other cells of its row: the linear part of a best guess.
+"""Linear models of one column on the other cells of its row: the linear part of a best guess.
 
 With a few hundred rows a masked-diffusion model learns a near-linear relation
 between numbers slowly (it sees each column through a few dozen bins), where a
 linear regression learns it from the same rows at once. The fit therefore also
-learns, per numeric column, a ridge regression on the row's other learned
-columns, completed by the model where they are missing, and the held-out
-calibration (:mod:`maskdiff.tasks.imputation_calibration`) decides how much of
-it enters the best guess.
+learns, per column, a linear model on the row's other learned columns,
+completed by the model where they are missing: a ridge regression for a
+numeric column (:class:`RowRegression`), a multinomial logistic regression
+for a categorical one (:class:`RowClassifier`); the held-out calibration
+(:mod:`maskdiff.tasks.imputation_calibration`) decides how much of it enters
+the best guess.
 
 Features: each numeric column as it is, each categorical column as indicators
 of its ``MAX_LEVELS`` most frequent values (fewer when that would make more
-than ``MAX_FEATURES``); all standardised. The penalty is
+than ``MAX_FEATURES``); all standardised. The ridge penalty is
 the one of ``PENALTIES`` with the least leave-one-out error, which ridge gives
 in closed form: with the hat matrix ``H = Z (Z'Z + lam I)^-1 Z'`` (plus ``1/n``
 for the unpenalised intercept) the leave-one-out residual of row i is
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+import torch
 
 from .imputation_quality import finite_number
 
@@ -36,60 +39,118 @@ Row = Mapping[str, Any]  # a completed row: learned column -> value
 
 
 @dataclass(frozen=True)
-class RowRegression:
-    """``y = intercept + sum_k weights_k (x_k - center_k) / scale_k``, x the features of the row's other columns."""
+class RowFeatures:
+    """The standardised features of a row's other columns: numbers, and indicators of the frequent categories."""
 
     numeric: list[str]  # predictors taken as numbers
     levels: dict[str, list[str]]  # categorical predictor -> the values that have an indicator
     center: list[float]
     scale: list[float]
-    weights: list[float]
-    intercept: float
-    penalty: float
 
-    def features(self, rows: Sequence[Row]) -> np.ndarray:
-        """(rows, features), unstandardised; a number that is not there (not finite) sits at its column's center."""
-        X = np.empty((len(rows), len(self.center)))
-        for i, row in enumerate(rows):
-            X[i] = _features(row, self.numeric, self.levels)
-        gaps = np.isnan(X)
-        X[gaps] = np.broadcast_to(np.asarray(self.center), X.shape)[gaps]
-        return X
+    @classmethod
+    def fit(cls, rows: Sequence[Row], predictors: Mapping[str, str]) -> RowFeatures | None:
+        """Features of ``predictors`` (column -> numeric | categorical) centred and scaled on ``rows``; None
+        when there are more than MAX_FEATURES numeric ones."""
+        numeric = [name for name, kind in predictors.items() if kind == "numeric"]
+        categorical = [name for name, kind in predictors.items() if kind != "numeric"]
+        if len(numeric) > MAX_FEATURES:
+            return None
+        per_column = min(MAX_LEVELS, (MAX_FEATURES - len(numeric)) // max(1, len(categorical)))
+        levels = {name: [v for v, _ in Counter(_text(row.get(name)) for row in rows if row.get(name) is not None).most_common(per_column)]
+                  for name in categorical}
+        levels = {name: values for name, values in levels.items() if values}
+        X = np.array([_raw(row, numeric, levels) for row in rows], dtype=np.float64).reshape(len(rows), -1)
+        seen = (~np.isnan(X)).sum(0)
+        center = np.where(seen > 0, np.nansum(X, 0) / np.maximum(seen, 1), 0.0)
+        X = np.where(np.isnan(X), center, X)
+        scale = X.std(0)
+        scale[scale == 0] = 1.0
+        return cls(numeric, levels, center.tolist(), scale.tolist())
 
-    def predict(self, rows: Sequence[Row]) -> np.ndarray:
-        Z = (self.features(rows) - np.asarray(self.center)) / np.asarray(self.scale)
-        return self.intercept + Z @ np.asarray(self.weights)
+    def __call__(self, rows: Sequence[Row]) -> np.ndarray:
+        """(rows, features), standardised; a number that is not there (not finite) sits at its column's center (0)."""
+        X = np.array([_raw(row, self.numeric, self.levels) for row in rows], dtype=np.float64).reshape(len(rows), -1)
+        center = np.asarray(self.center)
+        return (np.where(np.isnan(X), center, X) - center) / np.asarray(self.scale)
 
 
-def _features(row: Row, numeric: Sequence[str], levels: Mapping[str, Sequence[str]]) -> list[float]:
+def _text(value: Any) -> str:
+    """A category as the tabular adapter names it (texts as they are)."""
+    return value if isinstance(value, str) else str(value)
+
+
+def _raw(row: Row, numeric: Sequence[str], levels: Mapping[str, Sequence[str]]) -> list[float]:
     x = [v if (v := finite_number(row.get(name))) is not None else np.nan for name in numeric]
     for name, values in levels.items():
-        text = None if row.get(name) is None else str(row[name]).strip()
+        text = None if row.get(name) is None else _text(row[name])
         x.extend(float(text == level) for level in values)
     return x
 
 
+@dataclass(frozen=True)
+class RowRegression:
+    """``y = intercept + features(row) @ weights``: a numeric column from the rest of its row."""
+
+    features: RowFeatures
+    weights: list[float]
+    intercept: float
+    penalty: float
+
+    def predict(self, rows: Sequence[Row]) -> np.ndarray:
+        return self.intercept + self.features(rows) @ np.asarray(self.weights)
+
+
+@dataclass(frozen=True)
+class RowClassifier:
+    """``p(class | row) = softmax(features(row) @ weights + bias)``: a categorical column from the rest of its row."""
+
+    features: RowFeatures
+    classes: list[str]
+    weights: list[list[float]]  # (features, classes)
+    bias: list[float]
+
+    def probabilities(self, rows: Sequence[Row]) -> list[dict[str, float]]:
+        logits = self.features(rows) @ np.asarray(self.weights).reshape(-1, len(self.classes)) + np.asarray(self.bias)
+        p = np.exp(logits - logits.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        return [dict(zip(self.classes, row)) for row in p.tolist()]
+
+
 def fit_row_regression(rows: Sequence[Row], y: Sequence[float], predictors: Mapping[str, str]) -> RowRegression | None:
     """Ridge regression of ``y`` on the ``predictors`` (column -> numeric | categorical) of ``rows``; None
-    when there are more than MAX_FEATURES numeric ones."""
-    numeric = [name for name, kind in predictors.items() if kind == "numeric"]
-    categorical = [name for name, kind in predictors.items() if kind != "numeric"]
-    if len(numeric) > MAX_FEATURES:
+    when there are too many (see :meth:`RowFeatures.fit`)."""
+    features = RowFeatures.fit(rows, predictors)
+    if features is None:
         return None
-    per_column = min(MAX_LEVELS, (MAX_FEATURES - len(numeric)) // max(1, len(categorical)))
-    levels = {name: [v for v, _ in Counter(str(row[name]).strip() for row in rows if row.get(name) is not None).most_common(per_column)]
-              for name in categorical}
-    levels = {name: values for name, values in levels.items() if values}
-    X = np.array([_features(row, numeric, levels) for row in rows], dtype=np.float64).reshape(len(rows), -1)
-    seen = (~np.isnan(X)).sum(0)
-    center = np.where(seen > 0, np.nansum(X, 0) / np.maximum(seen, 1), 0.0)
-    X = np.where(np.isnan(X), center, X)
-    scale = X.std(0)
-    scale[scale == 0] = 1.0
     t = np.asarray(y, dtype=np.float64)
     intercept = float(t.mean())
-    weights, penalty = _ridge((X - center) / scale, t - intercept)
-    return RowRegression(numeric, levels, center.tolist(), scale.tolist(), weights.tolist(), intercept, penalty)
+    weights, penalty = _ridge(features(rows), t - intercept)
+    return RowRegression(features, weights.tolist(), intercept, penalty)
+
+
+def fit_row_classifier(rows: Sequence[Row], labels: Sequence[Any], predictors: Mapping[str, str]) -> RowClassifier | None:
+    """Multinomial logistic regression of ``labels`` on the ``predictors`` of ``rows`` (penalty ``|W|^2 / 2``
+    on the summed log-loss, scikit-learn's default C = 1); None with fewer than two classes or too many predictors."""
+    features = RowFeatures.fit(rows, predictors)
+    classes = sorted({_text(v) for v in labels})
+    if features is None or len(classes) < 2:
+        return None
+    index = {c: i for i, c in enumerate(classes)}
+    X = torch.as_tensor(features(rows), dtype=torch.float64)
+    t = torch.tensor([index[_text(v)] for v in labels])
+    W = torch.zeros(X.shape[1], len(classes), dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(len(classes), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([W, b], max_iter=200, line_search_fn="strong_wolfe")
+
+    def objective() -> torch.Tensor:
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(X @ W + b, t) + (W**2).sum() / (2 * len(t))
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(objective)
+    return RowClassifier(features, classes, W.detach().tolist(), b.detach().tolist())
 
 
 def _ridge(Z: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
@@ -111,8 +172,13 @@ def _ridge(Z: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
     return Vt.T @ (s / (s**2 + lam) * Uy), lam
 
 
-def from_json(entry: Mapping[str, Any] | None) -> RowRegression | None:
-    return None if entry is None else RowRegression(**entry)
+def from_json(entry: Mapping[str, Any] | None) -> RowRegression | RowClassifier | None:
+    """A regression or classifier as ``dataclasses.asdict`` wrote it (``bundle.json``)."""
+    if entry is None:
+        return None
+    kind = RowClassifier if "classes" in entry else RowRegression
+    return kind(**(dict(entry) | {"features": RowFeatures(**entry["features"])}))
 
 
-__all__ = ["MAX_FEATURES", "MAX_LEVELS", "PENALTIES", "RowRegression", "fit_row_regression", "from_json"]
+__all__ = ["MAX_FEATURES", "MAX_LEVELS", "PENALTIES", "RowClassifier", "RowFeatures", "RowRegression", "fit_row_classifier",
+           "fit_row_regression", "from_json"]

@@ -24,8 +24,8 @@ given, and what :class:`maskdiff.tasks.imputer.MaskdiffImputer` runs in ``fit``:
    (:func:`more_members`); imputation averages their conditionals;
 6. fill the set-aside cells (and the other cells missing in the rows the
    regressions learn from) and store each column's correction in the bundle:
-   how much of the model's guess, of a linear regression on the row's other
-   cells and of the column mean a numeric guess takes (:func:`calibrate`).
+   how much of the model's guess, of a linear model of the column on the row's
+   other cells and of the column mean / mode a best guess takes (:func:`calibrate`).
 """
 
 from __future__ import annotations
@@ -211,7 +211,8 @@ def calibrate(bundle_path: Path, truth: Table, learn_from: Table, held: Sequence
     completed = {r: {name: filled.get((at[r], index[name]), learn_from.values[r][index[name]]) for name in adapter.columns}
                  for r in rows if r not in refused}
     kinds = {c: adapter.kind(c) for c in adapter.columns}
-    calibration = fit_calibration(truth, held, guesses, kinds, completed)
+    distributions = {(r, c): imp.distributions[(at[r], c)] for r, c in held if (at[r], c) in imp.distributions}
+    calibration = fit_calibration(truth, held, guesses, kinds, completed, distributions)
     annotate(bundle_path, BUNDLE_KEY, to_json(calibration))
     for name, cal in calibration.items():
         log(cal.describe(name))
