@@ -367,10 +367,13 @@ def test_a_categorical_guess_mixes_in_the_classifier_where_it_gives_the_validati
     # a model that is right keeps its guesses: the classifier's share stays 0 when it adds no likelihood
     right = {cell: ({"a": 0.999, "b": 0.001} if k[cell[0]] == "a" else {"a": 0.001, "b": 0.999}) for cell in held}
     cal = fit_calibration(truth, held, {cell: k[cell[0]] for cell in held}, kinds, completed, right)["k"]
-    assert cal.model == 1.0 and cal.linear <= 0.1 and cal.mode is None
-    # without distributions (an older caller) the rule is the one before: model or mode
-    cal = fit_calibration(truth, held, guesses, kinds, completed)["k"]
-    assert cal.linear == 0.0 and cal.linear_model is None
+    assert cal.model == 1.0 and cal.linear <= 0.1 and cal.prior <= 0.1 and cal.mode is None
+    # a column that depends on nothing: the frequencies take over (here all of it, so the guess is the mode)
+    noise = np.where(rng.random(n) < 0.8, "a", "b")
+    truth = Table(["x", "k"], [[float(a), str(b)] for a, b in zip(x, noise)], "frame")
+    flat = {cell: {"a": 0.2, "b": 0.8} for cell in held}  # confidently wrong
+    cal = fit_calibration(truth, held, {cell: "b" for cell in held}, kinds, completed, flat)["k"]
+    assert cal.mode == "a" and calibrated({(0, 1): "b"}, truth.columns, {"k": cal}, rows, {(0, 1): {"a": 0.2, "b": 0.8}}) == {(0, 1): "a"}
 
 
 def test_the_blend_is_the_least_squares_point_of_the_triangle():

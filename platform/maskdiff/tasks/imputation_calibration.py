@@ -18,11 +18,15 @@ their rows, and per column compares its guesses with the truth
   a regression (too few rows) ``b = 0`` and ``a`` is the shrinkage
   ``sum((g - mu)(y - mu)) / sum((g - mu)^2)`` clipped to [0, 1];
 * categorical: the guess is the most probable category of the mixture
-  ``(1 - w) * p_model + w * p_linear`` of the model's distribution and that
-  of a multinomial logistic regression on the row's other cells, with ``w``
-  in 0, 0.1, ..., 1 the share that gives the validation cells the highest
-  likelihood; the column mode replaces it when the mode was right more often
-  there.
+  ``w_m * p_model + w_l * p_linear + w_f * f`` of the model's distribution,
+  that of a multinomial logistic regression on the row's other cells, and the
+  column's frequencies f, with weights (tenths, summing to one) that give
+  the validation cells the highest likelihood. ``w_f = 1`` guesses the mode.
+  Likelihood rather than accuracy chooses: on a few dozen cells a mode that
+  was right once more would otherwise replace a model that is right far
+  more often on the rest of the table (cars' Origin: 0.594 against the
+  mode's 0.625 on 32 validation cells, 0.700 against 0.611 on the hidden
+  ones).
 
 The mean and mode are those of all the user's observed cells (the validation
 cells included), so ``a = b = 0`` is exactly what the user's own mean imputer
@@ -40,6 +44,7 @@ imputation) stay what the model samples.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping, Sequence
 
@@ -74,6 +79,8 @@ class ColumnCalibration:
     linear: float = 0.0  # numeric: weight b of the regression's guess; categorical: the classifier's share of the distribution
     linear_model: RowRegression | RowClassifier | None = None
     linear_score: float | None = None  # the validation RMSE / accuracy of the linear model's guesses alone
+    prior: float = 0.0  # categorical: the share of the column's frequencies in the distribution
+    frequencies: dict[str, float] | None = None  # categorical: of the observed values (the most frequent MAX_FREQUENCIES)
 
     def apply(self, values: Sequence[Any], rows: Sequence[Row], distributions: Sequence[Mapping[str, float] | None]) -> list[Any]:
         """The corrected guesses for ``values``, the model's guesses in ``rows`` (their completed rows); a
@@ -81,10 +88,12 @@ class ColumnCalibration:
         if self.kind != "numeric":
             if self.mode is not None:
                 return [self.mode] * len(values)
-            if not self.linear or not isinstance(self.linear_model, RowClassifier) or not len(rows):
+            if not self.linear and not self.prior:
                 return list(values)
-            linear = self.linear_model.probabilities(rows)
-            return [_argmax(_mix(d or {str(v): 1.0}, q, self.linear)) for v, d, q in zip(values, distributions, linear)]
+            classifier = self.linear_model if isinstance(self.linear_model, RowClassifier) and self.linear else None
+            linear = classifier.probabilities(rows) if classifier is not None else [{}] * len(values)
+            return [_argmax(_mixture((1 - self.linear - self.prior, d or {str(v): 1.0}), (self.linear, q), (self.prior, self.frequencies or {})))
+                    for v, d, q in zip(values, distributions, linear)]
         out = self.mean + self.shrink * (np.asarray(values, dtype=np.float64) - self.mean)
         if self.linear and isinstance(self.linear_model, RowRegression) and len(rows):
             out += self.linear * (self.linear_model.predict(rows) - self.mean)
@@ -96,16 +105,22 @@ class ColumnCalibration:
         if self.kind == "numeric":
             parts = [(self.shrink, "model"), (self.linear, "linear"), (1 - self.shrink - self.linear, "mean")]
         else:
-            parts = [(1.0, "mode")] if self.mode is not None else [(1 - self.linear, "model"), (self.linear, "linear")]
+            parts = ([(1.0, "mode")] if self.mode is not None else
+                     [(1 - self.linear - self.prior, "model"), (self.linear, "linear"), (self.prior, "frequencies")])
         used = [(w, name) for w, name in parts if w > 5e-3]
         use = " + ".join(f"{w:.2f} x {name}" for w, name in used) if len(used) > 1 else (used[0][1] if used else base)
         linear = "" if self.linear_score is None else f", linear {self.linear_score:.4g}"
         return f"{column}: validation {what} model {self.model:.4g}{linear}, {base} {self.baseline:.4g} on {self.cells} cells -> {use}"
 
 
-def _mix(model: Mapping[str, float], linear: Mapping[str, float], share: float) -> dict[str, float]:
-    """``(1 - share) * model + share * linear``, two distributions over categories."""
-    return {k: (1 - share) * model.get(k, 0.0) + share * linear.get(k, 0.0) for k in {*model, *linear}}
+def _mixture(*parts: tuple[float, Mapping[str, float]]) -> dict[str, float]:
+    """``sum_i w_i p_i`` of (weight, distribution over categories) pairs."""
+    out: dict[str, float] = {}
+    for w, p in parts:
+        if w:
+            for k, v in p.items():
+                out[k] = out.get(k, 0.0) + w * v
+    return out
 
 
 def _argmax(p: Mapping[str, float]) -> str:
@@ -169,10 +184,10 @@ def fit_calibration(truth: Table, cells: Sequence[Cell], guesses: Mapping[Cell, 
             linear = None if regression is None else regression.predict(rows)
             out[name] = _numeric(np.array(y, dtype=np.float64), np.array(g, dtype=np.float64), base, linear, regression)
         else:
-            classifier = _linear_model(truth, c, completed, held, kinds) if rows and distributions is not None else None
+            classifier = _linear_model(truth, c, completed, held, kinds) if rows else None
             dists = [(distributions or {}).get(cell) or {str(v): 1.0} for cell, v in zip(col_cells, g)]
             linear_p = None if classifier is None else classifier.probabilities(rows)
-            out[name] = _categorical([str(v) for v in y], [str(v) for v in g], base, dists, linear_p, classifier)
+            out[name] = _categorical([str(v) for v in y], [str(v) for v in g], base, column_frequencies(truth, c), dists, linear_p, classifier)
     return out
 
 
@@ -202,31 +217,6 @@ def _numeric(y: np.ndarray, g: np.ndarray, mu: float, linear: np.ndarray | None 
                              linear_score=None if linear is None else rmse(linear))
 
 
-SHARES = tuple(k / 10 for k in range(11))  # the classifier's share of a categorical distribution, tried on the validation cells
-FLOOR = 1e-4  # least probability counted for a validation cell's true category
-
-
-def _categorical(y: list[str], g: list[str], mode: str, model_p: Sequence[Mapping[str, float]] | None = None,
-                 linear_p: Sequence[Mapping[str, float]] | None = None, classifier: RowClassifier | None = None) -> ColumnCalibration:
-    """The share of the classifier in the mixture with the model's distribution that gives the validation cells
-    the highest likelihood (a proper score: accuracy on a few dozen cells is too coarse to choose by); then the
-    mode instead, where the mode was right more often than the mixture's guesses."""
-    accuracy = lambda guess: sum(a == b for a, b in zip(y, guess)) / len(y)  # noqa: E731
-    share, linear_score = 0.0, None
-    if classifier is not None and model_p is not None and linear_p is not None:
-        def loglik(w: float) -> float:
-            return sum(math.log(max(_mix(p, q, w).get(t, 0.0), FLOOR)) for t, p, q in zip(y, model_p, linear_p))
-        share = max(SHARES, key=lambda w: (loglik(w), -w))
-        linear_score = accuracy([_argmax(q) for q in linear_p])
-        mixed = accuracy([_argmax(_mix(p, q, share)) for p, q in zip(model_p, linear_p)]) if share else accuracy(g)
-    else:
-        mixed = accuracy(g)
-    base = accuracy([mode] * len(y))
-    keep = share > 0 and base <= mixed
-    return ColumnCalibration("categorical", len(y), accuracy(g), base, mode=mode if base > mixed else None,
-                             linear=share if keep else 0.0, linear_model=classifier if keep else None, linear_score=linear_score)
-
-
 def _blend(t: np.ndarray, G: np.ndarray, L: np.ndarray) -> tuple[float, float]:
     """The least-squares (a, b) of ``t ~ a G + b L`` over the triangle a, b >= 0, a + b <= 1.
 
@@ -245,6 +235,39 @@ def _blend(t: np.ndarray, G: np.ndarray, L: np.ndarray) -> tuple[float, float]:
         if a >= 0 and b >= 0 and a + b <= 1:
             candidates.append((float(a), float(b)))
     return min(candidates, key=lambda ab: float(np.sum((t - ab[0] * G - ab[1] * L) ** 2)))
+
+
+SHARES = tuple(k / 10 for k in range(11))  # weights of a categorical mixture, tried on the validation cells
+FLOOR = 1e-4  # least probability counted for a validation cell's true category
+MAX_FREQUENCIES = 100  # categories whose frequency a calibration keeps (the rest are too rare to be a guess)
+
+
+def column_frequencies(truth: Table, c: int) -> dict[str, float]:
+    """The share of each value among column ``c``'s observed cells (the most frequent MAX_FREQUENCIES)."""
+    counts = Counter(str(row[c]) for row in truth.values if row[c] is not None)
+    total = sum(counts.values())
+    return {k: n / total for k, n in counts.most_common(MAX_FREQUENCIES)}
+
+
+def _categorical(y: list[str], g: list[str], mode: str, frequencies: Mapping[str, float],
+                 model_p: Sequence[Mapping[str, float]] | None = None, linear_p: Sequence[Mapping[str, float]] | None = None,
+                 classifier: RowClassifier | None = None) -> ColumnCalibration:
+    """The mixture of the model's distribution, the classifier's and the column's frequencies, weights on a grid
+    of tenths, that gives the validation cells the highest likelihood (a proper score: accuracy on a few dozen
+    cells is too coarse to choose by, and a mode that was right on one cell more would replace a better model).
+    Frequencies alone guess the mode."""
+    accuracy = lambda guess: sum(a == b for a, b in zip(y, guess)) / len(y)  # noqa: E731
+    model_p = model_p if model_p is not None else [{v: 1.0} for v in g]
+    linear = linear_p if linear_p is not None else [{}] * len(y)
+    at_truth = np.array([[p.get(t, 0.0), q.get(t, 0.0), frequencies.get(t, 0.0)] for t, p, q in zip(y, model_p, linear)])
+    grid = [(round(1 - a - b, 6), a, b) for a in (SHARES if linear_p is not None else (0.0,)) for b in SHARES if a + b <= 1 + 1e-9]
+    loglik = {w: round(float(np.log(np.maximum(at_truth @ np.array(w), FLOOR)).sum()), 9) for w in grid}
+    _, share, prior = max(grid, key=lambda w: (loglik[w], w[0], -w[1]))  # ties: the model, then the classifier
+    keep = classifier is not None and share > 0
+    return ColumnCalibration("categorical", len(y), accuracy(g), accuracy([mode] * len(y)), mode=mode if prior == 1.0 else None,
+                             linear=share if keep else 0.0, linear_model=classifier if keep else None,
+                             linear_score=None if linear_p is None else accuracy([_argmax(q) for q in linear_p]),
+                             prior=prior if prior < 1.0 else 0.0, frequencies=dict(frequencies) if 0 < prior < 1.0 else None)
 
 
 def to_json(calibration: Mapping[str, ColumnCalibration]) -> dict[str, dict[str, Any]]:
