@@ -445,3 +445,14 @@ def test_a_row_number_column_is_passed_through_and_its_holes_get_their_row_numbe
     assert row_number_cells(table, adapter) == {(i, 0): i + 1 for i in range(0, 60, 5)}
     table.values[1][0] = 7  # no longer counts up with the rows: left as it is
     assert row_number_cells(table, adapter) == {}
+
+
+def test_the_calibration_reads_every_row_with_a_set_aside_cell_and_a_sample_of_the_rest_up_to_its_cap():
+    from maskdiff.tasks.imputation_calibration import REGRESSION_ROWS
+    from maskdiff.tasks.table_fit import regression_rows
+
+    held = {3, 50, 20_000}
+    rows = regression_rows(30_000, held, seed=0)
+    assert len(rows) == REGRESSION_ROWS and held <= set(rows) and rows == sorted(set(rows))
+    assert rows == regression_rows(30_000, held, seed=0)  # the same sample for the same seed
+    assert regression_rows(200, {1, 2}, seed=0) == list(range(200))  # a small table: every row
