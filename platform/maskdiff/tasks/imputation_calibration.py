@@ -58,7 +58,7 @@ BUNDLE_KEY = "imputation_calibration"
 FRACTION, MIN_CELLS, MAX_FRACTION = 0.1, 20, 0.25  # validation cells per learned column
 MAX_CELLS = 1000  # enough to judge a column by; in a large table the rest are worth more as training data
 MIN_TO_CALIBRATE = 10  # fewer validation cells than this: the column keeps the model's guess
-MIN_TO_REGRESS = 20  # rows with the column observed that a regression needs (else none: b = 0)
+MIN_TO_REGRESS = 20  # rows with the column observed that its linear model needs (else none)
 REGRESSION_ROWS = 5000  # rows of the fit table the regressions learn from (a sample of a larger table)
 
 Cell = tuple[int, int]
@@ -162,7 +162,8 @@ def fit_calibration(truth: Table, cells: Sequence[Cell], guesses: Mapping[Cell, 
     validation cells among them: each column's linear model learns from those
     where the column is observed, and is judged on the validation cells.
     ``distributions`` holds the model's distribution at each categorical
-    validation cell (without it, or without ``completed``, no linear model).
+    validation cell (a cell without one counts the model's guess as sure).
+    Without ``completed`` there are no linear models.
     """
     by_column: dict[int, list[Cell]] = {}
     for cell in cells:
