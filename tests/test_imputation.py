@@ -332,6 +332,26 @@ def test_ridge_penalty_is_chosen_by_the_exact_leave_one_out_error():
     assert np.allclose(reg.predict(rows), A @ w)
 
 
+def test_the_classifier_is_the_minimum_of_the_penalised_log_loss_it_states():
+    """At the optimum of mean log-loss + |W|^2 / (2n) (scikit-learn's C = 1) the gradient vanishes: checked in NumPy."""
+    from maskdiff.tasks.row_regression import fit_row_classifier
+
+    rng = np.random.default_rng(4)
+    n = 150
+    rows = [{"u": float(a), "v": float(b), "k": str(c)} for a, b, c in zip(rng.normal(0, 1, n), rng.normal(3, 2, n), rng.choice(["p", "q"], n))]
+    labels = [("x", "y", "z")[int(r["u"] > 0.5) + int(r["v"] > 3)] if rng.random() < 0.8 else "x" for r in rows]
+    clf = fit_row_classifier(rows, labels, {"u": "numeric", "v": "numeric", "k": "categorical"})
+    assert clf is not None and clf.classes == ["x", "y", "z"]
+    Z = clf.features(rows)
+    W, b = np.array(clf.weights), np.array(clf.bias)
+    P = np.array([[p[c] for c in clf.classes] for p in clf.probabilities(rows)])
+    assert np.allclose(P, np.exp(Z @ W + b) / np.exp(Z @ W + b).sum(1, keepdims=True))
+    Y = np.eye(3)[[clf.classes.index(v) for v in labels]]
+    assert np.abs(Z.T @ (P - Y) / n + W / n).max() < 1e-4 and np.abs((P - Y).mean(0)).max() < 1e-4
+    assert np.abs(W).max() > 0.1  # not the trivial answer
+    assert fit_row_classifier(rows, ["x"] * n, {"u": "numeric"}) is None  # one class: nothing to learn
+
+
 def test_a_wide_row_shares_the_features_and_a_very_wide_one_gets_no_regression():
     from maskdiff.tasks.row_regression import MAX_FEATURES, fit_row_regression
 
