@@ -275,7 +275,7 @@ class TabularAdapter(Adapter):
             elif name not in forced_cat and (why := _not_learnable(cells, self.options["free_text"])):
                 passthrough[name] = why
             else:
-                columns[name] = CategoryVocab.fit((_cell_text(c) for c in cells), self.options["max_categories"], self.options["unseen"])
+                columns[name] = CategoryVocab.fit((cell_text(c) for c in cells), self.options["max_categories"], self.options["unseen"])
         if not columns:
             raise InputError(f"tabular input: no column to learn (passed through: {', '.join(f'{n} ({why})' for n, why in passthrough.items())})")
         self.columns, self.passthrough = columns, passthrough
@@ -290,7 +290,7 @@ class TabularAdapter(Adapter):
             if isinstance(col, NumericBins):
                 local = MISSING if value is None else _number_token(col, name, value)
             else:
-                local = col.encode(None if value is None else _cell_text(value), f"column {name!r}: category")
+                local = col.encode(None if value is None else cell_text(value), f"column {name!r}: category")
             fields.append(Field(f"col:{name}", self.column_support(name), np.array([local])))
         return Record(fields, {})
 
@@ -349,7 +349,8 @@ class TabularAdapter(Adapter):
 # --- helpers ---------------------------------------------------------------------------
 
 
-def _cell_text(value: Any) -> str:
+def cell_text(value: Any) -> str:
+    """A cell as the category it is learned as (texts as they are, dates in ISO form)."""
     if isinstance(value, str):
         return value
     if hasattr(value, "isoformat"):
@@ -426,7 +427,7 @@ NUMBER_WITH_COMMAS = re.compile(r"^[+-]?\d+(,\d+)+$")  # 0,665 (a decimal comma)
 
 def _not_learnable(cells: list[Any], free_text: int) -> str | None:
     """Why a non-numeric column is passed through rather than learned, or None."""
-    texts = [_cell_text(c).strip() for c in cells]
+    texts = [cell_text(c).strip() for c in cells]
     if all(ISO_DATE.match(t) for t in texts) or all(hasattr(c, "isoformat") for c in cells):
         return "dates"
     counts = Counter(texts)

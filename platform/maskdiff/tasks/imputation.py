@@ -295,7 +295,7 @@ def impute(bundle, table: Table, *, draws: int = 0, temperature: float = 1.0, pa
     results: list[dict[Cell, Any]] = []
     confidence: dict[Cell, float] = {}
     distributions: dict[Cell, dict[str, float]] = {}
-    completed: dict[int, dict[str, Any]] = {}  # row -> every learned column: observed, or the guess
+    completed: dict[int, dict[str, Any]] = {}  # best guess to calibrate: row -> every learned column, observed or guessed
     calls = 0
     for _ in range(max(draws, 1)):
         vals, conf, dists, n = fill_rows(bundle, todo, learned, best=draws == 0, generator=generator, temperature=temperature,
@@ -311,7 +311,8 @@ def impute(bundle, table: Table, *, draws: int = 0, temperature: float = 1.0, pa
                         confidence[(r, col_index[c])] = sure[c]
                     if c in dist:
                         distributions[(r, col_index[c])] = dist[c]
-            completed[r] = {c: filled[c] if c in filled else table.values[r][col_index[c]] for c in learned}
+            if draws == 0 and calibrate:
+                completed[r] = {c: filled[c] if c in filled else table.values[r][col_index[c]] for c in learned}
         results.append(out)
     if draws == 0 and calibrate:
         results = [calibrated(results[0], table.columns, from_info(getattr(bundle, "info", {})), completed, distributions)]

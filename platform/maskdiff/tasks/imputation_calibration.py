@@ -50,6 +50,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from maskdiff.adapters.tabular import cell_text
+
 from .imputation_quality import column_mean_or_mode, finite_number
 from .row_regression import RowClassifier, RowRegression, fit_row_classifier, fit_row_regression, from_json
 from maskdiff.data.tables import Table
@@ -92,7 +94,7 @@ class ColumnCalibration:
                 return list(values)
             classifier = self.linear_model if isinstance(self.linear_model, RowClassifier) and self.linear else None
             linear = classifier.probabilities(rows) if classifier is not None else [{}] * len(values)
-            return [_argmax(_mixture((1 - self.linear - self.prior, d or {str(v): 1.0}), (self.linear, q), (self.prior, self.frequencies or {})))
+            return [_argmax(_mixture((1 - self.linear - self.prior, d or {cell_text(v): 1.0}), (self.linear, q), (self.prior, self.frequencies or {})))
                     for v, d, q in zip(values, distributions, linear)]
         out = self.mean + self.shrink * (np.asarray(values, dtype=np.float64) - self.mean)
         if self.linear and isinstance(self.linear_model, RowRegression) and len(rows):
@@ -186,9 +188,10 @@ def fit_calibration(truth: Table, cells: Sequence[Cell], guesses: Mapping[Cell, 
             out[name] = _numeric(np.array(y, dtype=np.float64), np.array(g, dtype=np.float64), base, linear, regression)
         else:
             classifier = _linear_model(truth, c, completed, held, kinds) if rows else None
-            dists = [(distributions or {}).get(cell) or {str(v): 1.0} for cell, v in zip(col_cells, g)]
+            dists = [(distributions or {}).get(cell) or {cell_text(v): 1.0} for cell, v in zip(col_cells, g)]
             linear_p = None if classifier is None else classifier.probabilities(rows)
-            out[name] = _categorical([str(v) for v in y], [str(v) for v in g], base, column_frequencies(truth, c), dists, linear_p, classifier)
+            out[name] = _categorical([cell_text(v) for v in y], [cell_text(v) for v in g], base, column_frequencies(truth, c), dists, linear_p,
+                                     classifier)
     return out
 
 
@@ -245,7 +248,7 @@ MAX_FREQUENCIES = 100  # categories whose frequency a calibration keeps (the res
 
 def column_frequencies(truth: Table, c: int) -> dict[str, float]:
     """The share of each value among column ``c``'s observed cells (the most frequent MAX_FREQUENCIES)."""
-    counts = Counter(str(row[c]) for row in truth.values if row[c] is not None)
+    counts = Counter(cell_text(row[c]) for row in truth.values if row[c] is not None)
     total = sum(counts.values())
     return {k: n / total for k, n in counts.most_common(MAX_FREQUENCIES)}
 

@@ -29,6 +29,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from maskdiff.adapters.tabular import cell_text
+
 from .imputation_quality import finite_number
 
 PENALTIES = tuple(10.0**k for k in range(-2, 5))  # on standardised features
@@ -48,15 +50,15 @@ class RowFeatures:
     scale: list[float]
 
     @classmethod
-    def fit(cls, rows: Sequence[Row], predictors: Mapping[str, str]) -> RowFeatures | None:
-        """Features of ``predictors`` (column -> numeric | categorical) centred and scaled on ``rows``; None
-        when there are more than MAX_FEATURES numeric ones."""
+    def fit(cls, rows: Sequence[Row], predictors: Mapping[str, str]) -> tuple[RowFeatures, np.ndarray] | None:
+        """Features of ``predictors`` (column -> numeric | categorical) centred and scaled on ``rows``, and
+        ``rows`` standardised by them; None when there are more than MAX_FEATURES numeric ones."""
         numeric = [name for name, kind in predictors.items() if kind == "numeric"]
         categorical = [name for name, kind in predictors.items() if kind != "numeric"]
         if len(numeric) > MAX_FEATURES:
             return None
         per_column = min(MAX_LEVELS, (MAX_FEATURES - len(numeric)) // max(1, len(categorical)))
-        levels = {name: [v for v, _ in Counter(_text(row.get(name)) for row in rows if row.get(name) is not None).most_common(per_column)]
+        levels = {name: [v for v, _ in Counter(cell_text(row.get(name)) for row in rows if row.get(name) is not None).most_common(per_column)]
                   for name in categorical}
         levels = {name: values for name, values in levels.items() if values}
         X = np.array([_raw(row, numeric, levels) for row in rows], dtype=np.float64).reshape(len(rows), -1)
@@ -65,7 +67,7 @@ class RowFeatures:
         X = np.where(np.isnan(X), center, X)
         scale = X.std(0)
         scale[scale == 0] = 1.0
-        return cls(numeric, levels, center.tolist(), scale.tolist())
+        return cls(numeric, levels, center.tolist(), scale.tolist()), (X - center) / scale
 
     def __call__(self, rows: Sequence[Row]) -> np.ndarray:
         """(rows, features), standardised; a number that is not there (not finite) sits at its column's center (0)."""
@@ -74,15 +76,10 @@ class RowFeatures:
         return (np.where(np.isnan(X), center, X) - center) / np.asarray(self.scale)
 
 
-def _text(value: Any) -> str:
-    """A category as the tabular adapter names it (texts as they are)."""
-    return value if isinstance(value, str) else str(value)
-
-
 def _raw(row: Row, numeric: Sequence[str], levels: Mapping[str, Sequence[str]]) -> list[float]:
     x = [v if (v := finite_number(row.get(name))) is not None else np.nan for name in numeric]
     for name, values in levels.items():
-        text = None if row.get(name) is None else _text(row[name])
+        text = None if row.get(name) is None else cell_text(row[name])
         x.extend(float(text == level) for level in values)
     return x
 
@@ -119,25 +116,27 @@ class RowClassifier:
 def fit_row_regression(rows: Sequence[Row], y: Sequence[float], predictors: Mapping[str, str]) -> RowRegression | None:
     """Ridge regression of ``y`` on the ``predictors`` (column -> numeric | categorical) of ``rows``; None
     when there are too many (see :meth:`RowFeatures.fit`)."""
-    features = RowFeatures.fit(rows, predictors)
-    if features is None:
+    fitted = RowFeatures.fit(rows, predictors)
+    if fitted is None:
         return None
+    features, Z = fitted
     t = np.asarray(y, dtype=np.float64)
     intercept = float(t.mean())
-    weights, penalty = _ridge(features(rows), t - intercept)
+    weights, penalty = _ridge(Z, t - intercept)
     return RowRegression(features, weights.tolist(), intercept, penalty)
 
 
 def fit_row_classifier(rows: Sequence[Row], labels: Sequence[Any], predictors: Mapping[str, str]) -> RowClassifier | None:
     """Multinomial logistic regression of ``labels`` on the ``predictors`` of ``rows`` (penalty ``|W|^2 / 2``
     on the summed log-loss, scikit-learn's default C = 1); None with fewer than two classes or too many predictors."""
-    features = RowFeatures.fit(rows, predictors)
-    classes = sorted({_text(v) for v in labels})
-    if features is None or len(classes) < 2:
+    fitted = RowFeatures.fit(rows, predictors)
+    classes = sorted({cell_text(v) for v in labels})
+    if fitted is None or len(classes) < 2:
         return None
+    features, Z = fitted
     index = {c: i for i, c in enumerate(classes)}
-    X = torch.as_tensor(features(rows), dtype=torch.float64)
-    t = torch.tensor([index[_text(v)] for v in labels])
+    X = torch.as_tensor(Z, dtype=torch.float64)
+    t = torch.tensor([index[cell_text(v)] for v in labels])
     W = torch.zeros(X.shape[1], len(classes), dtype=torch.float64, requires_grad=True)
     b = torch.zeros(len(classes), dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([W, b], max_iter=200, line_search_fn="strong_wolfe")
