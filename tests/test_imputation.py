@@ -314,7 +314,7 @@ def test_ridge_penalty_is_chosen_by_the_exact_leave_one_out_error():
     X = rng.normal(0, 1, (n, 3))
     y = X @ np.array([1.0, -0.5, 0.0]) + rng.normal(0, 1.5, n)
     rows = [{"a": a, "b": b, "c": c} for a, b, c in X]
-    reg = fit_row_regression(rows, y, {"a": "numeric", "b": "numeric", "c": "numeric"})
+    reg = fit_row_regression(rows, y, {"a": "numeric", "b": "numeric", "c": "numeric"}, kernel=False)
     Z = (X - X.mean(0)) / X.std(0)
 
     def refit_error(lam: float) -> float:  # intercept free, penalty on the weights only
@@ -330,6 +330,48 @@ def test_ridge_penalty_is_chosen_by_the_exact_leave_one_out_error():
     A = np.column_stack([np.ones(n), Z])  # and the weights are the ridge solution at that penalty
     w = np.linalg.solve(A.T @ A + np.diag([0.0] + [reg.penalty] * 3), A.T @ y)
     assert np.allclose(reg.predict(rows), A @ w)
+
+
+def test_a_nonlinear_column_gets_the_kernel_with_the_least_leave_one_out_error():
+    """y = sin(2a): the regression takes an RBF part, its leave-one-out error is that of refitting without each
+    row (sum kernel z.z'/p + exp(-gamma |z - z'|^2) on the centres, Nystroem features), and it is the least of
+    the candidates; a linear column keeps the linear model."""
+    from maskdiff.tasks import row_regression as rr
+
+    rng = np.random.default_rng(5)
+    n = 60
+    X = rng.normal(0, 1, (n, 2))
+    y = np.sin(2 * X[:, 0]) + rng.normal(0, 0.1, n)
+    rows = [{"a": a, "b": b} for a, b in X]
+    predictors = {"a": "numeric", "b": "numeric"}
+    reg = rr.fit_row_regression(rows, y, predictors)
+    assert reg.centres and reg.gamma * 2 in rr.KERNEL_WIDTHS
+    linear = rr.fit_row_regression(rows, y, predictors, kernel=False)
+    assert np.sqrt(np.mean((reg.predict(rows) - y) ** 2)) < 0.5 * np.sqrt(np.mean((linear.predict(rows) - y) ** 2))
+    Z = (X - X.mean(0)) / X.std(0)
+    C = np.asarray(reg.centres)
+
+    def refit_error(gamma: float | None, lam: float) -> float:  # the same design, intercept free, fitted without row i
+        if gamma is None:
+            F = Z
+        else:
+            K = np.exp(-gamma * ((C[:, None] - C[None]) ** 2).sum(-1))
+            w, V = np.linalg.eigh(K)
+            keep = w > 1e-10 * w.max()
+            F = np.column_stack([Z / np.sqrt(2), np.exp(-gamma * ((Z[:, None] - C[None]) ** 2).sum(-1)) @ (V[:, keep] / np.sqrt(w[keep]))])
+        errors = []
+        for i in range(n):
+            keep_rows = np.arange(n) != i
+            A = np.column_stack([np.ones(n - 1), F[keep_rows]])
+            coef = np.linalg.solve(A.T @ A + lam * np.diag([0.0] + [1.0] * F.shape[1]), A.T @ y[keep_rows])
+            errors.append(y[i] - np.concatenate([[1.0], F[i]]) @ coef)
+        return float(np.mean(np.square(errors)))
+
+    chosen = refit_error(reg.gamma, reg.penalty)
+    assert chosen == pytest.approx(min(refit_error(width / 2, lam) for width in rr.KERNEL_WIDTHS for lam in rr.PENALTIES), rel=1e-6)
+    assert chosen < min(refit_error(None, lam) for lam in rr.PENALTIES)
+    straight = rr.fit_row_regression(rows, 3 * X[:, 1] + rng.normal(0, 0.1, n), predictors)
+    assert not straight.centres
 
 
 def test_the_classifier_is_the_minimum_of_the_penalised_log_loss_it_states():

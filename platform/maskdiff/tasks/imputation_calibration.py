@@ -9,8 +9,9 @@ their rows, and per column compares its guesses with the truth
 (:func:`fit_calibration`):
 
 * numeric: the guess g is combined with the column mean mu and the column's
-  linear guess l (a ridge regression on the row's other cells, completed by
-  the model where missing; see :mod:`maskdiff.tasks.row_regression`):
+  regression guess l (a ridge regression on the row's other cells, completed
+  by the model where missing, linear or with an RBF kernel, whichever has the
+  least leave-one-out error; see :mod:`maskdiff.tasks.row_regression`):
   ``mu + a * (g - mu) + b * (l - mu)``, with ``a, b >= 0`` and ``a + b <= 1``
   the least-squares choice on the validation cells. The corners of that
   triangle are the mean (0, 0), the model (1, 0) and the regression (0, 1),
@@ -105,7 +106,8 @@ class ColumnCalibration:
         what = "RMSE" if self.kind == "numeric" else "accuracy"
         base = "mean" if self.kind == "numeric" else "mode"
         if self.kind == "numeric":
-            parts = [(self.shrink, "model"), (self.linear, "linear"), (1 - self.shrink - self.linear, "mean")]
+            row_model = "kernel" if isinstance(self.linear_model, RowRegression) and self.linear_model.centres else "linear"
+            parts = [(self.shrink, "model"), (self.linear, row_model), (1 - self.shrink - self.linear, "mean")]
         else:
             parts = ([(1.0, "mode")] if self.mode is not None else
                      [(1 - self.linear - self.prior, "model"), (self.linear, "linear"), (self.prior, "frequencies")])

@@ -1,4 +1,4 @@
-"""Linear models of one column on the other cells of its row: the linear part of a best guess.
+"""Regressions of one column on the other cells of its row: the row-model part of a best guess.
 
 With a few hundred rows a masked-diffusion model learns a near-linear relation
 between numbers slowly (it sees each column through a few dozen bins), where a
@@ -18,12 +18,24 @@ in closed form: with the hat matrix ``H = Z (Z'Z + lam I)^-1 Z'`` (plus ``1/n``
 for the unpenalised intercept) the leave-one-out residual of row i is
 ``e_i / (1 - H_ii)`` (Allen's PRESS identity), and in the SVD ``Z = U S V'``,
 ``H = U diag(s^2 / (s^2 + lam)) U'``.
+
+A number can depend on the others nonlinearly (Boston's distances and tax
+rates come in blocks, a car's displacement rises in steps with its
+cylinders), so the regression may also be a kernel ridge regression with the
+sum kernel ``z.z' / p + exp(-gamma |z - z'|^2)`` over the p standardised
+features. The RBF part is approximated on ``KERNEL_CENTRES`` rows drawn from
+the fit rows (Nystroem: features ``K(z, C) K(C, C)^-1/2``), so the same
+closed-form leave-one-out error chooses among the linear model and the
+kernels of ``KERNEL_WIDTHS`` (gamma = width / p: the squared distance of two
+rows is about 2p), each at its best penalty. The kernel part of a prediction
+is ``sum_c alpha_c exp(-gamma |z - c|^2)`` over the centres c.
 """
 
 from __future__ import annotations
 
+import math
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -36,6 +48,9 @@ from .imputation_quality import finite_number
 PENALTIES = tuple(10.0**k for k in range(-2, 5))  # on standardised features
 MAX_LEVELS = 20  # indicators per categorical predictor: its most frequent values
 MAX_FEATURES = 256  # a wider row shares these among its categorical columns; more numeric columns than this: no regression
+KERNEL_WIDTHS = (0.25, 0.5, 1.0, 2.0, 4.0)  # gamma * p of the RBF kernels tried
+KERNEL_CENTRES = 200  # fit rows the RBF kernel is centred on (fewer when that would store more than KERNEL_FLOATS)
+KERNEL_FLOATS = 25_600  # centres x features kept in the bundle per column
 
 Row = Mapping[str, Any]  # a completed row: learned column -> value
 
@@ -86,15 +101,23 @@ def _raw(row: Row, numeric: Sequence[str], levels: Mapping[str, Sequence[str]]) 
 
 @dataclass(frozen=True)
 class RowRegression:
-    """``y = intercept + features(row) @ weights``: a numeric column from the rest of its row."""
+    """``y = intercept + z @ weights + sum_c alpha_c exp(-gamma |z - c|^2)`` with ``z = features(row)``: a numeric
+    column from the rest of its row (no kernel part when ``centres`` is empty)."""
 
     features: RowFeatures
     weights: list[float]
     intercept: float
     penalty: float
+    centres: list[list[float]] = field(default_factory=list)  # standardised fit rows
+    gamma: float = 0.0
+    alpha: list[float] = field(default_factory=list)
 
     def predict(self, rows: Sequence[Row]) -> np.ndarray:
-        return self.intercept + self.features(rows) @ np.asarray(self.weights)
+        Z = self.features(rows)
+        y = self.intercept + Z @ np.asarray(self.weights)
+        if self.centres:
+            y += _rbf(Z, np.asarray(self.centres), self.gamma) @ np.asarray(self.alpha)
+        return y
 
 
 @dataclass(frozen=True)
@@ -113,17 +136,36 @@ class RowClassifier:
         return [dict(zip(self.classes, row)) for row in p.tolist()]
 
 
-def fit_row_regression(rows: Sequence[Row], y: Sequence[float], predictors: Mapping[str, str]) -> RowRegression | None:
-    """Ridge regression of ``y`` on the ``predictors`` (column -> numeric | categorical) of ``rows``; None
-    when there are too many (see :meth:`RowFeatures.fit`)."""
+def fit_row_regression(rows: Sequence[Row], y: Sequence[float], predictors: Mapping[str, str], kernel: bool = True) -> RowRegression | None:
+    """Ridge regression of ``y`` on the ``predictors`` (column -> numeric | categorical) of ``rows``, linear or
+    (``kernel``) with an RBF part, whichever has the least leave-one-out error; None when there are too many
+    predictors (see :meth:`RowFeatures.fit`)."""
     fitted = RowFeatures.fit(rows, predictors)
     if fitted is None:
         return None
     features, Z = fitted
     t = np.asarray(y, dtype=np.float64)
     intercept = float(t.mean())
-    weights, penalty = _ridge(Z, t - intercept)
-    return RowRegression(features, weights.tolist(), intercept, penalty)
+    loo, weights, penalty = _ridge(Z, t - intercept)
+    best = RowRegression(features, weights.tolist(), intercept, penalty)
+    n, p = Z.shape
+    m = min(n, KERNEL_CENTRES, KERNEL_FLOATS // max(p, 1))
+    if not kernel or p == 0 or m < 2:
+        return best
+    C = Z[np.random.default_rng(0).choice(n, m, replace=False)]
+    for width in KERNEL_WIDTHS:  # the sum kernel's features [z / sqrt(p), K(z, C) T] with T = K(C, C)^-1/2
+        gamma = width / p
+        eigenvalues, V = np.linalg.eigh(_rbf(C, C, gamma))
+        keep = eigenvalues > 1e-10 * eigenvalues.max()
+        T = V[:, keep] / np.sqrt(eigenvalues[keep])
+        Phi = _rbf(Z, C, gamma) @ T
+        centre = Phi.mean(0)  # centred like Z, so that the intercept is the mean of y and PRESS stays exact
+        error, w, lam = _ridge(np.concatenate([Z / math.sqrt(p), Phi - centre], 1), t - intercept)
+        if error < loo:
+            loo = error
+            best = RowRegression(features, (w[:p] / math.sqrt(p)).tolist(), intercept - float(centre @ w[p:]), lam, C.tolist(), gamma,
+                                 (T @ w[p:]).tolist())
+    return best
 
 
 def fit_row_classifier(rows: Sequence[Row], labels: Sequence[Any], predictors: Mapping[str, str]) -> RowClassifier | None:
@@ -152,11 +194,18 @@ def fit_row_classifier(rows: Sequence[Row], labels: Sequence[Any], predictors: M
     return RowClassifier(features, classes, W.detach().tolist(), b.detach().tolist())
 
 
-def _ridge(Z: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
-    """Weights and penalty of the ridge fit of centred ``y`` on standardised ``Z`` with the least leave-one-out error."""
+def _rbf(A: np.ndarray, B: np.ndarray, gamma: float) -> np.ndarray:
+    """``exp(-gamma |a - b|^2)`` for every row a of A and b of B."""
+    squared = (A**2).sum(1)[:, None] + (B**2).sum(1)[None, :] - 2.0 * A @ B.T
+    return np.exp(-gamma * np.maximum(squared, 0.0))
+
+
+def _ridge(Z: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray, float]:
+    """Leave-one-out mean squared error, weights and penalty of the ridge fit of centred ``y`` on the centred columns
+    ``Z`` with the least leave-one-out error."""
     n, p = Z.shape
     if n < 3 or p == 0:
-        return np.zeros(p), 0.0
+        return math.inf, np.zeros(p), 0.0
     U, s, Vt = np.linalg.svd(Z, full_matrices=False)
     Uy = U.T @ y
     best: tuple[float, float] | None = None
@@ -167,8 +216,8 @@ def _ridge(Z: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
         loo = float(np.mean(((y - fitted) / np.maximum(1.0 - leverage, 1e-9)) ** 2))
         if best is None or loo < best[0]:
             best = (loo, lam)
-    lam = best[1]  # type: ignore[index]
-    return Vt.T @ (s / (s**2 + lam) * Uy), lam
+    loo, lam = best  # type: ignore[misc]
+    return loo, Vt.T @ (s / (s**2 + lam) * Uy), lam
 
 
 def from_json(entry: Mapping[str, Any] | None) -> RowRegression | RowClassifier | None:
@@ -179,5 +228,5 @@ def from_json(entry: Mapping[str, Any] | None) -> RowRegression | RowClassifier 
     return kind(**(dict(entry) | {"features": RowFeatures(**entry["features"])}))
 
 
-__all__ = ["MAX_FEATURES", "MAX_LEVELS", "PENALTIES", "RowClassifier", "RowFeatures", "RowRegression", "fit_row_classifier",
+__all__ = ["KERNEL_CENTRES", "KERNEL_WIDTHS", "MAX_FEATURES", "MAX_LEVELS", "PENALTIES", "RowClassifier", "RowFeatures", "RowRegression", "fit_row_classifier",
            "fit_row_regression", "from_json"]
