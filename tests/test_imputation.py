@@ -291,7 +291,7 @@ def test_calibration_takes_the_regressions_guess_where_it_is_right_and_stores_it
     kinds = {"x1": "numeric", "x2": "numeric", "k": "categorical", "y": "numeric"}
     cal = fit_calibration(truth, held, guesses, kinds, completed)["y"]
     assert cal.linear > 0.99 and cal.shrink < 0.01 and cal.linear_model is not None and sorted(cal.linear_model.features.levels["k"]) == ["a", "b"]
-    assert cal.linear_score < 1e-3 and cal.describe("y").endswith("mean 2.8 on 60 cells -> linear") and ", linear 0.000" in cal.describe("y")
+    assert cal.linear_score < 1e-3 and cal.describe("y").endswith("mean 2.8 on 60 cells -> regression") and ", regression 0.000" in cal.describe("y")
     stored = from_info(json.loads(json.dumps({"imputation_calibration": to_json({"y": cal})})))  # as bundle.json holds it
     new = [{"x1": 0.5, "x2": 4.0, "k": "b", "y": None}, {"x1": -1.0, "x2": 7.0, "k": "a", "y": None}]
     fixed = calibrated({(0, 3): 0.0, (1, 3): 0.0}, truth.columns, stored, dict(enumerate(new)))

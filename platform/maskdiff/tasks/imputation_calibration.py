@@ -105,15 +105,15 @@ class ColumnCalibration:
     def describe(self, column: str) -> str:
         what = "RMSE" if self.kind == "numeric" else "accuracy"
         base = "mean" if self.kind == "numeric" else "mode"
+        row_model = "regression" if self.kind == "numeric" else "linear"  # the ridge (linear or kernel), the logistic
         if self.kind == "numeric":
-            row_model = "kernel" if isinstance(self.linear_model, RowRegression) and self.linear_model.centres else "linear"
             parts = [(self.shrink, "model"), (self.linear, row_model), (1 - self.shrink - self.linear, "mean")]
         else:
             parts = ([(1.0, "mode")] if self.mode is not None else
                      [(1 - self.linear - self.prior, "model"), (self.linear, "linear"), (self.prior, "frequencies")])
         used = [(w, name) for w, name in parts if w > 5e-3]
         use = " + ".join(f"{w:.2f} x {name}" for w, name in used) if len(used) > 1 else (used[0][1] if used else base)
-        linear = "" if self.linear_score is None else f", linear {self.linear_score:.4g}"
+        linear = "" if self.linear_score is None else f", {row_model} {self.linear_score:.4g}"
         return f"{column}: validation {what} model {self.model:.4g}{linear}, {base} {self.baseline:.4g} on {self.cells} cells -> {use}"
 
 
