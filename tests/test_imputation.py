@@ -357,7 +357,7 @@ def test_a_nonlinear_column_gets_the_kernel_with_the_least_leave_one_out_error()
         else:
             K = np.exp(-gamma * ((C[:, None] - C[None]) ** 2).sum(-1))
             w, V = np.linalg.eigh(K)
-            keep = w > 1e-10 * w.max()
+            keep = w > rr.NYSTROEM_CUTOFF * w.max()
             F = np.column_stack([Z / np.sqrt(2), np.exp(-gamma * ((Z[:, None] - C[None]) ** 2).sum(-1)) @ (V[:, keep] / np.sqrt(w[keep]))])
         errors = []
         for i in range(n):
@@ -372,6 +372,35 @@ def test_a_nonlinear_column_gets_the_kernel_with_the_least_leave_one_out_error()
     assert chosen < min(refit_error(None, lam) for lam in rr.PENALTIES)
     straight = rr.fit_row_regression(rows, 3 * X[:, 1] + rng.normal(0, 0.1, n), predictors)
     assert not straight.centres
+
+
+def test_a_regression_survives_an_svd_that_does_not_converge(monkeypatch):
+    """LAPACK's SVD can fail on an ill-conditioned design; the fit then takes the eigenvectors of Z'Z, same answer."""
+    from maskdiff.tasks import row_regression as rr
+
+    rng = np.random.default_rng(6)
+    X = rng.normal(0, 1, (80, 3))
+    y = np.sin(2 * X[:, 0]) + X[:, 1] + rng.normal(0, 0.1, 80)
+    rows = [{"a": a, "b": b, "c": c} for a, b, c in X]
+    predictors = {"a": "numeric", "b": "numeric", "c": "numeric"}
+    expected = rr.fit_row_regression(rows, y, predictors)
+
+    def failing(*args, **kwargs):
+        raise np.linalg.LinAlgError("SVD did not converge")
+
+    monkeypatch.setattr(rr.np.linalg, "svd", failing)
+    got = rr.fit_row_regression(rows, y, predictors)
+    assert (got.gamma, got.penalty) == (expected.gamma, expected.penalty)
+    assert np.allclose(got.predict(rows), expected.predict(rows), atol=1e-6)
+    # and where nothing converges the column is calibrated without its regression, rather than the fit failing
+    from maskdiff.tasks.imputation_calibration import fit_calibration
+
+    monkeypatch.setattr(rr.np.linalg, "eigh", failing)
+    truth = Table(["a", "b", "c", "y"], [[a, b, c, t] for (a, b, c), t in zip(X, y)], "frame")
+    held = [(r, 3) for r in range(0, 80, 4)]
+    completed = {r: {"a": X[r, 0], "b": X[r, 1], "c": X[r, 2], "y": 0.0} for r in range(80)}
+    cal = fit_calibration(truth, held, {cell: 0.0 for cell in held}, dict.fromkeys(truth.columns, "numeric"), completed)["y"]
+    assert cal.linear_model is None and cal.linear_score is None and cal.cells == 20
 
 
 def test_the_classifier_is_the_minimum_of_the_penalised_log_loss_it_states():

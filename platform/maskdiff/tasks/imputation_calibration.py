@@ -208,9 +208,12 @@ def _linear_model(truth: Table, c: int, completed: Mapping[int, Row], held: set[
     if len(rows) < MIN_TO_REGRESS:
         return None
     predictors = {k: kind for k, kind in kinds.items() if k != name}
-    if numeric:
-        return fit_row_regression([completed[r] for r in rows], [finite_number(truth.values[r][c]) for r in rows], predictors)  # type: ignore[misc]
-    return fit_row_classifier([completed[r] for r in rows], [truth.values[r][c] for r in rows], predictors)
+    try:
+        if numeric:
+            return fit_row_regression([completed[r] for r in rows], [finite_number(truth.values[r][c]) for r in rows], predictors)  # type: ignore[misc]
+        return fit_row_classifier([completed[r] for r in rows], [truth.values[r][c] for r in rows], predictors)
+    except np.linalg.LinAlgError:  # a numerical failure costs the column its row model, not the fit its calibration
+        return None
 
 
 def _numeric(y: np.ndarray, g: np.ndarray, mu: float, linear: np.ndarray | None = None,

@@ -51,6 +51,7 @@ MAX_FEATURES = 256  # a wider row shares these among its categorical columns; mo
 KERNEL_WIDTHS = (0.25, 0.5, 1.0, 2.0, 4.0)  # gamma * p of the RBF kernels tried
 KERNEL_CENTRES = 200  # fit rows the RBF kernel is centred on (fewer when that would store more than KERNEL_FLOATS)
 KERNEL_FLOATS = 25_600  # centres x features kept in the bundle per column
+NYSTROEM_CUTOFF = 1e-6  # eigenvalues of K(C, C) below this share of the largest are dropped (their features are noise, and ill-conditioned)
 
 Row = Mapping[str, Any]  # a completed row: learned column -> value
 
@@ -156,7 +157,7 @@ def fit_row_regression(rows: Sequence[Row], y: Sequence[float], predictors: Mapp
     for width in KERNEL_WIDTHS:  # the sum kernel's features [z / sqrt(p), K(z, C) T] with T = K(C, C)^-1/2
         gamma = width / p
         eigenvalues, V = np.linalg.eigh(_rbf(C, C, gamma))
-        keep = eigenvalues > 1e-10 * eigenvalues.max()
+        keep = eigenvalues > NYSTROEM_CUTOFF * eigenvalues.max()
         T = V[:, keep] / np.sqrt(eigenvalues[keep])
         Phi = _rbf(Z, C, gamma) @ T
         centre = Phi.mean(0)  # centred like Z, so that the intercept is the mean of y and PRESS stays exact
@@ -194,6 +195,18 @@ def fit_row_classifier(rows: Sequence[Row], labels: Sequence[Any], predictors: M
     return RowClassifier(features, classes, W.detach().tolist(), b.detach().tolist())
 
 
+def _svd(Z: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The thin SVD of Z; where LAPACK's divide and conquer does not converge (it can on ill-conditioned
+    matrices), from the eigenvectors of ``Z'Z`` instead, without the directions it cannot resolve."""
+    try:
+        return np.linalg.svd(Z, full_matrices=False)
+    except np.linalg.LinAlgError:
+        eigenvalues, V = np.linalg.eigh(Z.T @ Z)
+        keep = eigenvalues > 1e-12 * max(eigenvalues.max(), 1e-300)
+        s = np.sqrt(eigenvalues[keep])
+        return Z @ V[:, keep] / s, s, V[:, keep].T
+
+
 def _rbf(A: np.ndarray, B: np.ndarray, gamma: float) -> np.ndarray:
     """``exp(-gamma |a - b|^2)`` for every row a of A and b of B."""
     squared = (A**2).sum(1)[:, None] + (B**2).sum(1)[None, :] - 2.0 * A @ B.T
@@ -206,7 +219,7 @@ def _ridge(Z: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray, float]:
     n, p = Z.shape
     if n < 3 or p == 0:
         return math.inf, np.zeros(p), 0.0
-    U, s, Vt = np.linalg.svd(Z, full_matrices=False)
+    U, s, Vt = _svd(Z)
     Uy = U.T @ y
     best: tuple[float, float] | None = None
     for lam in PENALTIES:
