@@ -61,7 +61,7 @@ BUNDLE_KEY = "imputation_calibration"
 FRACTION, MIN_CELLS, MAX_FRACTION = 0.1, 20, 0.25  # validation cells per learned column
 MAX_CELLS = 1000  # enough to judge a column by; in a large table the rest are worth more as training data
 MIN_TO_CALIBRATE = 10  # fewer validation cells than this: the column keeps the model's guess
-MIN_TO_REGRESS = 20  # rows with the column observed that its linear model needs (else none)
+MIN_TO_REGRESS = 20  # rows with the column observed that its row model needs (else none)
 REGRESSION_ROWS = 5000  # rows of the fit table the regressions learn from (a sample of a larger table)
 
 Cell = tuple[int, int]
@@ -81,7 +81,7 @@ class ColumnCalibration:
     mode: str | None = None  # categorical: set when the mode replaces the guess
     linear: float = 0.0  # numeric: weight b of the regression's guess; categorical: the classifier's share of the distribution
     linear_model: RowRegression | RowClassifier | None = None
-    linear_score: float | None = None  # the validation RMSE / accuracy of the linear model's guesses alone
+    linear_score: float | None = None  # the validation RMSE / accuracy of the row model's guesses alone
     prior: float = 0.0  # categorical: the share of the column's frequencies in the distribution
     frequencies: dict[str, float] | None = None  # categorical: of the observed values (the most frequent MAX_FREQUENCIES)
 
@@ -163,11 +163,11 @@ def fit_calibration(truth: Table, cells: Sequence[Cell], guesses: Mapping[Cell, 
     cells included: the column mean and mode come from it, as they would for
     the user's own mean/mode imputer. ``completed`` holds rows of the fit
     table (validation cells hidden) completed by the model, the rows of the
-    validation cells among them: each column's linear model learns from those
+    validation cells among them: each column's row model learns from those
     where the column is observed, and is judged on the validation cells.
     ``distributions`` holds the model's distribution at each categorical
     validation cell (a cell without one counts the model's guess as sure).
-    Without ``completed`` there are no linear models.
+    Without ``completed`` there are no row models.
     """
     by_column: dict[int, list[Cell]] = {}
     for cell in cells:
@@ -185,11 +185,11 @@ def fit_calibration(truth: Table, cells: Sequence[Cell], guesses: Mapping[Cell, 
         base = column_mean_or_mode(truth, c, kinds[name])
         rows = [completed[r] for r, _ in col_cells] if all(r in completed for r, _ in col_cells) else []
         if kinds[name] == "numeric":
-            regression = _linear_model(truth, c, completed, held, kinds) if rows else None
+            regression = _row_model(truth, c, completed, held, kinds) if rows else None
             linear = None if regression is None else regression.predict(rows)
             out[name] = _numeric(np.array(y, dtype=np.float64), np.array(g, dtype=np.float64), base, linear, regression)
         else:
-            classifier = _linear_model(truth, c, completed, held, kinds) if rows else None
+            classifier = _row_model(truth, c, completed, held, kinds) if rows else None
             dists = [(distributions or {}).get(cell) or {cell_text(v): 1.0} for cell, v in zip(col_cells, g)]
             linear_p = None if classifier is None else classifier.probabilities(rows)
             out[name] = _categorical([cell_text(v) for v in y], [cell_text(v) for v in g], base, column_frequencies(truth, c), dists, linear_p,
@@ -197,7 +197,7 @@ def fit_calibration(truth: Table, cells: Sequence[Cell], guesses: Mapping[Cell, 
     return out
 
 
-def _linear_model(truth: Table, c: int, completed: Mapping[int, Row], held: set[Cell],
+def _row_model(truth: Table, c: int, completed: Mapping[int, Row], held: set[Cell],
                   kinds: Mapping[str, str]) -> RowRegression | RowClassifier | None:
     """Column ``c``'s regression (numeric) or classifier (categorical) on the other learned columns, from the
     completed rows where it is observed."""
@@ -297,7 +297,7 @@ def calibrated(guesses: Mapping[Cell, Any], columns: Sequence[str], calibration:
                completed: Mapping[int, Row], distributions: Mapping[Cell, Mapping[str, float]] | None = None) -> dict[Cell, Any]:
     """``guesses`` with each column's correction applied (columns without one unchanged); ``completed``
     holds each row of a guess, completed by the model's guesses, and ``distributions`` the model's
-    distribution at each categorical guess (the linear models read them)."""
+    distribution at each categorical guess (the row models read them)."""
     out = dict(guesses)
     by_column: dict[int, list[Cell]] = {}
     for cell in guesses:

@@ -3,7 +3,7 @@
 With a few hundred rows a masked-diffusion model learns a near-linear relation
 between numbers slowly (it sees each column through a few dozen bins), where a
 linear regression learns it from the same rows at once. The fit therefore also
-learns, per column, a linear model on the row's other learned columns,
+learns, per column, a model of it on the row's other learned columns,
 completed by the model where they are missing: a ridge regression for a
 numeric column (:class:`RowRegression`), a multinomial logistic regression
 for a categorical one (:class:`RowClassifier`); the held-out calibration

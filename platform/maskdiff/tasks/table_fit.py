@@ -24,8 +24,9 @@ given, and what :class:`maskdiff.tasks.imputer.MaskdiffImputer` runs in ``fit``:
    (:func:`more_members`); imputation averages their conditionals;
 6. fill the set-aside cells (and the other cells missing in the rows the
    regressions learn from) and store each column's correction in the bundle:
-   how much of the model's guess, of a linear model of the column on the row's
-   other cells and of the column mean / mode a best guess takes (:func:`calibrate`).
+   how much of the model's guess, of a row model (a regression or classifier of
+   the column on the row's other cells) and of the column mean / mode a best
+   guess takes (:func:`calibrate`).
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ MAX_MEMBERS = 4  # models averaged when the budget allows more than one (small t
 POLL_S = 2.0  # how often the parent looks for new checkpoints of a training child
 NUMBERS_SHARE = 0.9  # a categorical column with at least this share of number cells gets a hint (see number_columns_learned_as_categories)
 FILL_S_PER_ROW = 0.004  # one imputation pass, per row, on a busy 2-core machine (measured: about 2 ms quiet)
-LINEAR_S_PER_CELL = 2e-4  # the calibration's row models, per cell of the rows they learn from (measured, one thread:
+ROW_MODELS_S_PER_CELL = 2e-4  # the calibration's row models, per cell of the rows they learn from (measured, one thread:
 # 5.5 s for adult's 3,257 x 15; 2.2 s for one 50-category column of 5,000 rows x 20; 0.5-1.1 s per numeric column of 5,000 rows with its kernels)
 
 
@@ -109,10 +110,10 @@ def plan_fit(rows: int, row_tokens: int, budget_s: float) -> FitPlan:
     return FitPlan(rows, row_tokens, batch_rows, math.ceil(MAX_EPOCHS * rows / batch_rows), budget_s)
 
 
-def after_training_s(rows_filled: int, members: int, linear_cells: int) -> float:
+def after_training_s(rows_filled: int, members: int, row_model_cells: int) -> float:
     """Seconds a fit needs once training ends: filling ``rows_filled`` rows (those the calibration reads,
-    then the table) with ``members`` models, and the calibration's linear models."""
-    return FILL_S_PER_ROW * members * rows_filled + LINEAR_S_PER_CELL * linear_cells
+    then the table) with ``members`` models, and the calibration's row models."""
+    return FILL_S_PER_ROW * members * rows_filled + ROW_MODELS_S_PER_CELL * row_model_cells
 
 
 def training_budget(minutes: float, spent_s: float, after_s: float) -> float:
