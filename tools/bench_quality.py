@@ -182,18 +182,20 @@ def tables_markdown(results: list[dict]) -> str:
         model = res["results"]["model"]
         for col in [c for c in model if c != "all"]:
             metric = "accuracy" if "accuracy" in model[col] else "nrmse"
-            vals = [res["results"][m][col][metric] for m in methods]
-            best = max(vals) if metric == "accuracy" else min(vals)
-            cells = [f"**{v:.3f}**" if v == best else f"{v:.3f}" for v in vals]
-            lines.append(f"| {col} | {'accuracy' if metric == 'accuracy' else 'RMSE/std'} | " + " | ".join(cells) + " |")
-        for label, figure, better in (("all categorical", "accuracy", max), ("all numeric", "nrmse", min), ("median numeric column", "median", min)):
+            lines.append(_markdown_row(col, metric == "accuracy", [res["results"][m][col][metric] for m in methods]))
+        for label, figure in (("*all categorical*", "accuracy"), ("*all numeric*", "nrmse"), ("*median numeric column*", "median")):
             vals = [overall(res["results"][m], figure) for m in methods]
-            if any(v is None for v in vals):
-                continue
-            cells = [f"**{v:.3f}**" if v == better(vals) else f"{v:.3f}" for v in vals]
-            lines.append(f"| *{label}* | {'accuracy' if figure == 'accuracy' else 'RMSE/std'} | " + " | ".join(cells) + " |")
+            if all(v is not None for v in vals):
+                lines.append(_markdown_row(label, figure == "accuracy", vals))
         lines.append("")
     return "\n".join(lines)
+
+
+def _markdown_row(label: str, accuracy: bool, vals: list[float]) -> str:
+    """``| label | metric | v1 | v2 ... |`` with the best value (highest accuracy, lowest RMSE/std) in bold."""
+    best = max(vals) if accuracy else min(vals)
+    cells = [f"**{v:.3f}**" if v == best else f"{v:.3f}" for v in vals]
+    return f"| {label} | {'accuracy' if accuracy else 'RMSE/std'} | " + " | ".join(cells) + " |"
 
 
 def overall(scores: dict, figure: str) -> float | None:

@@ -198,7 +198,7 @@ def fit_calibration(truth: Table, cells: Sequence[Cell], guesses: Mapping[Cell, 
 
 
 def _row_model(truth: Table, c: int, completed: Mapping[int, Row], held: set[Cell],
-                  kinds: Mapping[str, str]) -> RowRegression | RowClassifier | None:
+               kinds: Mapping[str, str]) -> RowRegression | RowClassifier | None:
     """Column ``c``'s regression (numeric) or classifier (categorical) on the other learned columns, from the
     completed rows where it is observed."""
     name = truth.columns[c]

@@ -154,12 +154,13 @@ def fit_row_regression(rows: Sequence[Row], y: Sequence[float], predictors: Mapp
     if not kernel or p == 0 or m < 2:
         return best
     C = Z[np.random.default_rng(0).choice(n, m, replace=False)]
+    between, to_centres = _squared_distances(C, C), _squared_distances(Z, C)  # the same for every width
     for width in KERNEL_WIDTHS:  # the sum kernel's features [z / sqrt(p), K(z, C) T] with T = K(C, C)^-1/2
         gamma = width / p
-        eigenvalues, V = np.linalg.eigh(_rbf(C, C, gamma))
+        eigenvalues, V = np.linalg.eigh(np.exp(-gamma * between))
         keep = eigenvalues > NYSTROEM_CUTOFF * eigenvalues.max()
         T = V[:, keep] / np.sqrt(eigenvalues[keep])
-        Phi = _rbf(Z, C, gamma) @ T
+        Phi = np.exp(-gamma * to_centres) @ T
         centre = Phi.mean(0)  # centred like Z, so that the intercept is the mean of y and PRESS stays exact
         error, w, lam = _ridge(np.concatenate([Z / math.sqrt(p), Phi - centre], 1), t - intercept)
         if error < loo:
@@ -207,10 +208,14 @@ def _svd(Z: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return Z @ V[:, keep] / s, s, V[:, keep].T
 
 
+def _squared_distances(A: np.ndarray, B: np.ndarray) -> np.ndarray:
+    """``|a - b|^2`` for every row a of A and b of B."""
+    return np.maximum((A**2).sum(1)[:, None] + (B**2).sum(1)[None, :] - 2.0 * A @ B.T, 0.0)
+
+
 def _rbf(A: np.ndarray, B: np.ndarray, gamma: float) -> np.ndarray:
     """``exp(-gamma |a - b|^2)`` for every row a of A and b of B."""
-    squared = (A**2).sum(1)[:, None] + (B**2).sum(1)[None, :] - 2.0 * A @ B.T
-    return np.exp(-gamma * np.maximum(squared, 0.0))
+    return np.exp(-gamma * _squared_distances(A, B))
 
 
 def _ridge(Z: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray, float]:
